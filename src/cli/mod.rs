@@ -1,0 +1,200 @@
+//! The headless command line. Arguments are parsed once into validated values; each command
+//! prints text or, with `--json`, one JSON document on stdout.
+
+mod info;
+mod predict;
+
+use std::path::{Path, PathBuf};
+
+use std::fmt::Write as _;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand};
+
+use crate::data::Split;
+use crate::model::{Arch, Model, ModelConfig, ModelKind, checkpoint, pytorch};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "awnet",
+    version,
+    about = "AW-Net Lab: train, attack and inspect adversarially-weighted networks"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Show a model's architecture, parameters per layer, configuration and metrics.
+    Info(InfoArgs),
+    /// Classify images: top-5 classes and, for AW-Net, the router's type probabilities and signals.
+    Predict(PredictArgs),
+    /// Find a dataset by name or path and say where it came from and what it holds.
+    Data(DataArgs),
+    /// Write a freshly initialised (untrained) model file.
+    Init(InitArgs),
+    /// Convert a PyTorch ResNet-18 state dict (.pt/.pth) into a model file.
+    Import(ImportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// Model file (.safetensors, or a PyTorch .pt/.pth state dict).
+    pub model: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PredictArgs {
+    /// Model file (.safetensors, or a PyTorch .pt/.pth state dict).
+    pub model: PathBuf,
+    /// Picture files (PNG or JPEG); converted to the model's input size and channels.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DataArgs {
+    /// fashion-mnist, mnist, cifar10, cifar100, or a folder.
+    pub name: String,
+    #[arg(long, value_enum, default_value = "test")]
+    pub split: Split,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    #[arg(long, value_enum, default_value = "small-cnn")]
+    pub arch: Arch,
+    #[arg(long, value_enum, default_value = "awnet")]
+    pub kind: ModelKind,
+    /// Dataset whose channels, image size and classes the model takes.
+    #[arg(long, default_value = "fashion-mnist")]
+    pub data: String,
+    /// Base width (default: 32 for small-cnn, 64 for resnet18).
+    #[arg(long)]
+    pub width: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Where to write the model (.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// PyTorch state dict (.pt/.pth, zip format).
+    pub input: PathBuf,
+    /// Side of the input images the model is for.
+    #[arg(long, default_value_t = 32)]
+    pub image_size: usize,
+    /// Where to write the model (.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Runs one command.
+pub fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Info(a) => info::run(&a),
+        Command::Predict(a) => predict::run(&a),
+        Command::Data(a) => data(&a),
+        Command::Init(a) => init(&a),
+        Command::Import(a) => {
+            let mut o = String::new();
+            let model = pytorch::import_pth(&a.input, Some(a.image_size))?;
+            checkpoint::save(&model, &a.out)?;
+            writeln!(o, "wrote {} ({} parameters)", a.out.display(), model.num_parameters())?;
+            emit(&o)
+        }
+    }
+}
+
+/// Writes a command's output in one go; a reader that went away (`| head`) is not an error.
+pub fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// Opens a model file of either kind, by its extension.
+pub fn open_model(path: &Path) -> Result<Model> {
+    let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+    let model = match ext.as_deref() {
+        Some("pt" | "pth") => pytorch::import_pth(path, None)?,
+        Some("safetensors") => checkpoint::load(path)?,
+        _ => bail!(
+            "{}: unknown model file type (expected .safetensors, .pt or .pth)",
+            path.display()
+        ),
+    };
+    Ok(model)
+}
+
+fn data(a: &DataArgs) -> Result<()> {
+    let mut o = String::new();
+    let ds = crate::data::load(&a.name, a.split, None)?;
+    let mut counts = vec![0usize; ds.num_classes()];
+    for &l in &ds.labels {
+        counts[usize::from(l)] += 1;
+    }
+    if a.json {
+        let v = serde_json::json!({
+            "name": ds.name, "source": ds.source, "images": ds.len(),
+            "shape": [ds.channels, ds.height, ds.width], "classes": ds.class_names,
+            "per_class": counts, "warnings": ds.warnings,
+        });
+        writeln!(o, "{}", serde_json::to_string_pretty(&v)?)?;
+    } else {
+        writeln!(o, "{}", ds.describe())?;
+        for (name, n) in ds.class_names.iter().zip(&counts) {
+            writeln!(o, "  {name:<14} {n}")?;
+        }
+        for w in &ds.warnings {
+            eprintln!("warning: {w}");
+        }
+    }
+    emit(&o)
+}
+
+fn init(a: &InitArgs) -> Result<()> {
+    let mut o = String::new();
+    let ds =
+        crate::data::load(&a.data, Split::Test, None).context("the dataset fixes the model's input and classes")?;
+    if ds.height != ds.width {
+        bail!(
+            "{} has {}x{} images; models take square images",
+            ds.name,
+            ds.height,
+            ds.width
+        );
+    }
+    let mut config = ModelConfig::new(a.arch, a.kind, ds.channels, ds.height, ds.num_classes());
+    config.class_names = ds.class_names.clone();
+    if let Some(w) = a.width {
+        config.width = w;
+    }
+    let model = Model::new(config, a.seed, DType::F32, &Device::Cpu)?;
+    checkpoint::save(&model, &a.out)?;
+    writeln!(
+        o,
+        "wrote {}: untrained {} {}, {} parameters, seed {}",
+        a.out.display(),
+        a.kind.name(),
+        a.arch.name(),
+        model.num_parameters(),
+        a.seed
+    )?;
+    emit(&o)
+}

@@ -1,0 +1,71 @@
+//! Normalisation that is a single BatchNorm for static models and MixBN for AW-Net.
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::layers::BatchNorm;
+use super::{BatchType, Mode};
+
+/// What a normalisation layer needs to know about the current forward pass.
+#[derive(Clone, Copy, Debug)]
+pub struct NormCtx<'a> {
+    pub mode: Mode,
+    /// The router's `p_clean` per sample, `[b, 1]`; present for AW-Net in eval mode.
+    pub p_clean: Option<&'a Tensor>,
+}
+
+/// A BatchNorm, or MixBN: a (clean, adversarial) pair with separate affine parameters and
+/// running statistics.
+#[derive(Clone, Debug)]
+pub enum Norm {
+    Single(BatchNorm),
+    Mix { clean: BatchNorm, adv: BatchNorm },
+}
+
+impl Norm {
+    /// A single BN under `vb`, or a pair under `vb.clean` and `vb.adv`.
+    pub fn new(channels: usize, mix: bool, eps: f64, momentum: f64, vb: VarBuilder) -> Result<Self> {
+        if mix {
+            Ok(Self::Mix {
+                clean: BatchNorm::new(channels, eps, momentum, vb.pp("clean"))?,
+                adv: BatchNorm::new(channels, eps, momentum, vb.pp("adv"))?,
+            })
+        } else {
+            Ok(Self::Single(BatchNorm::new(channels, eps, momentum, vb)?))
+        }
+    }
+
+    /// Training: batch statistics of the BN that the batch's known type selects.
+    /// Inference: `p_clean * BN_clean(z) + p_adv * BN_adv(z)` per sample, both in eval mode.
+    pub fn forward(&self, xs: &Tensor, ctx: &NormCtx) -> Result<Tensor> {
+        match (self, ctx.mode) {
+            (Self::Single(bn), Mode::Train(_)) => bn.forward_train(xs),
+            (Self::Single(bn), Mode::Eval) => bn.forward_eval(xs),
+            (Self::Mix { clean, .. }, Mode::Train(BatchType::Clean)) => clean.forward_train(xs),
+            (Self::Mix { adv, .. }, Mode::Train(BatchType::Adversarial)) => adv.forward_train(xs),
+            (Self::Mix { clean, adv }, Mode::Eval) => {
+                let p_clean = ctx
+                    .p_clean
+                    .ok_or_else(|| candle_core::Error::Msg("MixBN needs type probabilities".into()))?;
+                let (scale, shift) = mix_affine(clean, adv, p_clean)?;
+                let (b, c) = scale.dims2()?;
+                xs.broadcast_mul(&scale.reshape((b, c, 1, 1))?)?
+                    .broadcast_add(&shift.reshape((b, c, 1, 1))?)
+            }
+        }
+    }
+}
+
+/// Per-sample affine form of the soft mix, `[b, c]` each. Both eval-mode BNs are affine, so the
+/// mix is affine with mixed coefficients. Written as `adv + p_clean * (clean - adv)` so that two
+/// equal BNs give exactly the single BN's coefficients.
+fn mix_affine(clean: &BatchNorm, adv: &BatchNorm, p_clean: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (sc, hc) = clean.affine()?;
+    let (sa, ha) = adv.affine()?;
+    let mix = |a: &Tensor, c: &Tensor| -> Result<Tensor> {
+        p_clean
+            .broadcast_mul(&(c - a)?.unsqueeze(0)?)?
+            .broadcast_add(&a.unsqueeze(0)?)
+    };
+    Ok((mix(&sa, &sc)?, mix(&ha, &hc)?))
+}

@@ -1,0 +1,154 @@
+//! The `awnet` binary.
+
+use std::process::{Command, Output};
+
+use crate::common::*;
+
+fn awnet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_awnet"))
+        .args(args)
+        .env_remove("AWNET_DATA")
+        .output()
+        .unwrap()
+}
+
+fn ok_stdout(out: &Output) -> String {
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+#[test]
+fn init_info_and_predict_work_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.safetensors");
+    let subset = repo().join("assets/fashion-mnist-subset");
+    ok_stdout(&awnet(&[
+        "init",
+        "--data",
+        subset.to_str().unwrap(),
+        "--seed",
+        "3",
+        "--out",
+        model.to_str().unwrap(),
+    ]));
+    let info: serde_json::Value =
+        serde_json::from_str(&ok_stdout(&awnet(&["info", model.to_str().unwrap(), "--json"]))).unwrap();
+    assert_eq!(info["config"]["arch"], "small-cnn");
+    assert_eq!(info["config"]["kind"], "awnet");
+    assert_eq!(info["parameters"], 102_060);
+    assert_eq!(info["sha256"].as_str().unwrap().len(), 64);
+    assert!(
+        info["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["name"] == "block2.conv.weight" && l["shape"] == serde_json::json!([64, 64, 3, 3]))
+    );
+    let sample = repo().join("assets/samples/7-sneaker-test9.png");
+    let pred: serde_json::Value = serde_json::from_str(&ok_stdout(&awnet(&[
+        "predict",
+        model.to_str().unwrap(),
+        sample.to_str().unwrap(),
+        "--json",
+    ])))
+    .unwrap();
+    let top5 = pred[0]["top5"].as_array().unwrap();
+    assert_eq!(top5.len(), 5);
+    let p: Vec<f64> = top5.iter().map(|t| t["probability"].as_f64().unwrap()).collect();
+    assert!(p.windows(2).all(|w| w[0] >= w[1]) && p.iter().sum::<f64>() <= 1.0 + 1e-6);
+    let tp = &pred[0]["type_probabilities"];
+    assert!((tp["clean"].as_f64().unwrap() + tp["adversarial"].as_f64().unwrap() - 1.0).abs() < 1e-5);
+    assert_eq!(pred[0]["signals"].as_array().unwrap().len(), 3);
+    let text = ok_stdout(&awnet(&["info", model.to_str().unwrap()]));
+    assert!(
+        text.contains("freshly initialised") && text.contains("102060 trainable"),
+        "{text}"
+    );
+}
+
+#[test]
+fn errors_are_one_line_and_a_failing_exit_code() {
+    for args in [
+        vec!["info", "/no/such/model.safetensors"],
+        vec!["info", "Cargo.toml"],
+        vec![
+            "predict",
+            "tests/fixtures/resnet18_w4_legacy.pth",
+            "assets/samples/1-trouser-test2.png",
+        ],
+        vec!["data", "/no/such/data"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_awnet"))
+            .args(&args)
+            .current_dir(repo())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("error: "), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
+fn a_bad_image_among_good_ones_is_reported_and_the_rest_classified() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.png");
+    std::fs::write(&bad, b"garbage").unwrap();
+    let model = fixture("resnet18_w4.pth");
+    let good = repo().join("assets/samples/8-bag-test18.png");
+    let out = awnet(&[
+        "predict",
+        model.to_str().unwrap(),
+        good.to_str().unwrap(),
+        bad.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("8-bag-test18.png") && stdout.contains("replicated grey to RGB"),
+        "{stdout}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.png"));
+}
+
+#[test]
+fn data_resolution_says_where_the_data_came_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let fm = dir.path().join("fashion-mnist");
+    std::fs::create_dir(&fm).unwrap();
+    for f in ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"] {
+        std::fs::copy(repo().join("assets/fashion-mnist-subset").join(f), fm.join(f)).unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_awnet"))
+        .args(["data", "fashion-mnist", "--json"])
+        .env("AWNET_DATA", dir.path())
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ok_stdout(&out)).unwrap();
+    assert_eq!(v["images"], 1000);
+    assert!(v["source"].as_str().unwrap().contains("$AWNET_DATA"), "{v}");
+    assert_eq!(v["name"], "Fashion-MNIST test split");
+    // Nothing under $AWNET_DATA for the train split: the next place is used, or the error lists
+    // every place tried.
+    let out = Command::new(env!("CARGO_BIN_EXE_awnet"))
+        .args(["data", "fashion-mnist", "--split", "train"])
+        .env("AWNET_DATA", dir.path())
+        .output()
+        .unwrap();
+    if out.status.success() {
+        assert!(String::from_utf8_lossy(&out.stdout).contains("Debian"));
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("$AWNET_DATA") && err.contains("bundled subset"), "{err}");
+    }
+}
+
+#[test]
+fn every_command_has_help() {
+    for cmd in ["info", "predict", "data", "init", "import"] {
+        let out = ok_stdout(&awnet(&[cmd, "--help"]));
+        assert!(out.contains("Usage: awnet"), "{cmd}: {out}");
+    }
+}
