@@ -5,10 +5,13 @@
 //! different effective weights. Everything here is a library that the command line, the window
 //! and tests drive; only `cli` touches the terminal.
 
+pub mod attack;
 pub mod cli;
 pub mod data;
+pub mod eval;
 pub mod fsutil;
 pub mod model;
+pub mod observe;
 
 pub use data::Dataset;
 pub use model::{Arch, Forward, Mode, Model, ModelConfig, ModelKind};

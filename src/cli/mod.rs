@@ -1,6 +1,7 @@
 //! The headless command line. Arguments are parsed once into validated values; each command
 //! prints text or, with `--json`, one JSON document on stdout.
 
+mod eval;
 mod info;
 mod predict;
 
@@ -38,6 +39,104 @@ pub enum Command {
     Init(InitArgs),
     /// Convert a PyTorch ResNet-18 state dict (.pt/.pth) into a model file.
     Import(ImportArgs),
+    /// Clean and robust accuracy under a list of attacks, with the sanity checks.
+    Eval(EvalArgs),
+    /// Attack one picture and write the adversarial image.
+    Attack(AttackArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Model file (.safetensors, or a PyTorch .pt/.pth state dict).
+    pub model: PathBuf,
+    /// fashion-mnist, mnist, cifar10, cifar100, or a folder.
+    #[arg(long)]
+    pub data: String,
+    #[arg(long, value_enum, default_value = "test")]
+    pub split: Split,
+    /// Evaluate the first N images of the split (default: all).
+    #[arg(long)]
+    pub n: Option<usize>,
+    /// Comma-separated: clean, fgsm, pgd, mi-fgsm, cw, apgd-ce, apgd-dlr, square, noise, adaptive,
+    /// autoattack, transfer.
+    #[arg(long, default_value = "pgd")]
+    pub attack: String,
+    /// Radius in pixel units, a number or a fraction like 8/255 (default: 8/255 for colour
+    /// images, 0.1 for grey).
+    #[arg(long)]
+    pub eps: Option<String>,
+    #[arg(long, value_enum, default_value = "linf")]
+    pub norm: crate::attack::Threat,
+    /// Iterations of PGD, CW, adaptive and MI-FGSM (default 20; MI-FGSM 10).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Step size (default 2.5 * eps / steps; MI-FGSM eps / steps).
+    #[arg(long)]
+    pub step_size: Option<f64>,
+    #[arg(long, default_value_t = 1)]
+    pub restarts: usize,
+    /// Iterations of APGD-CE and APGD-T.
+    #[arg(long, default_value_t = 100)]
+    pub apgd_steps: usize,
+    /// Query budget of Square.
+    #[arg(long, default_value_t = 1000)]
+    pub queries: usize,
+    /// Weight of the router term in the adaptive attack.
+    #[arg(long, default_value_t = 1.0)]
+    pub lambda: f64,
+    /// Model to craft transfer attacks on.
+    #[arg(long)]
+    pub source: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    /// Skip the sanity checks.
+    #[arg(long)]
+    pub no_checks: bool,
+    /// Images the sanity checks run on.
+    #[arg(long, default_value_t = 100)]
+    pub check_n: usize,
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct AttackArgs {
+    pub model: PathBuf,
+    /// Picture file (PNG or JPEG), converted to the model's input.
+    pub image: PathBuf,
+    #[arg(long, value_enum, default_value = "pgd")]
+    pub attack: crate::attack::AttackKind,
+    /// A number or a fraction like 8/255.
+    #[arg(long)]
+    pub eps: String,
+    #[arg(long, value_enum, default_value = "linf")]
+    pub norm: crate::attack::Threat,
+    #[arg(long)]
+    pub steps: Option<usize>,
+    #[arg(long)]
+    pub step_size: Option<f64>,
+    #[arg(long, default_value_t = 1)]
+    pub restarts: usize,
+    /// Push the prediction towards this class (targeted attack).
+    #[arg(long)]
+    pub target: Option<u32>,
+    /// The true class (default: the model's prediction on the clean picture).
+    #[arg(long)]
+    pub label: Option<u32>,
+    #[arg(long, default_value_t = 1.0)]
+    pub lambda: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Where to write the adversarial picture (PNG, lossless).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -109,6 +208,8 @@ pub fn run(command: Command) -> Result<()> {
         Command::Predict(a) => predict::run(&a),
         Command::Data(a) => data(&a),
         Command::Init(a) => init(&a),
+        Command::Eval(a) => eval::run_eval(&a),
+        Command::Attack(a) => eval::run_attack(&a),
         Command::Import(a) => {
             let mut o = String::new();
             let model = pytorch::import_pth(&a.input, Some(a.image_size))?;

@@ -106,8 +106,9 @@ impl Linear {
 pub struct BatchNorm {
     weight: Tensor,
     bias: Tensor,
-    running_mean: Var,
-    running_var: Var,
+    /// Variables in a trainable model; detached tensors sharing their storage in a frozen one.
+    running_mean: Tensor,
+    running_var: Tensor,
     eps: f64,
     momentum: f64,
 }
@@ -121,9 +122,8 @@ impl BatchNorm {
         Ok(Self {
             weight,
             bias,
-            // Wrapping a variable shares its storage, so `set` updates the model's var map.
-            running_mean: Var::from_tensor(&running_mean)?,
-            running_var: Var::from_tensor(&running_var)?,
+            running_mean,
+            running_var,
             eps,
             momentum,
         })
@@ -132,8 +132,8 @@ impl BatchNorm {
     /// Eval mode as a per-channel affine map: returns `(scale, shift)`, both `[c]`, with
     /// `bn(z) = z * scale + shift`.
     pub fn affine(&self) -> Result<(Tensor, Tensor)> {
-        let scale = self.weight.div(&(self.running_var.as_tensor() + self.eps)?.sqrt()?)?;
-        let shift = self.bias.sub(&self.running_mean.as_tensor().mul(&scale)?)?;
+        let scale = self.weight.div(&(&self.running_var + self.eps)?.sqrt()?)?;
+        let shift = self.bias.sub(&self.running_mean.mul(&scale)?)?;
         Ok((scale, shift))
     }
 
@@ -162,12 +162,16 @@ impl BatchNorm {
             .reshape((c, b, h, w))?
             .transpose(0, 1)?
             .contiguous()?;
+        if !self.running_mean.is_variable() || !self.running_var.is_variable() {
+            candle_core::bail!("a frozen network cannot run batch norm in train mode");
+        }
         let m = self.momentum;
         let unbiased = (var.detach().flatten_all()? * (n as f64 / (n - 1) as f64))?;
-        let new_mean = ((self.running_mean.as_tensor() * (1.0 - m))? + (mean.detach().flatten_all()? * m)?)?;
-        let new_var = ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?;
-        self.running_mean.set(&new_mean)?;
-        self.running_var.set(&new_var)?;
+        let new_mean = ((self.running_mean.detach() * (1.0 - m))? + (mean.detach().flatten_all()? * m)?)?;
+        let new_var = ((self.running_var.detach() * (1.0 - m))? + (unbiased * m)?)?;
+        // Wrapping a variable shares its storage, so `set` updates the model's var map.
+        Var::from_tensor(&self.running_mean)?.set(&new_mean)?;
+        Var::from_tensor(&self.running_var)?.set(&new_var)?;
         Ok(ys)
     }
 }

@@ -384,6 +384,18 @@ impl Model {
         self.net.forward(xs, mode)
     }
 
+    /// The network over detached copies of the weights, for attacks and evaluation: backward
+    /// passes through it compute the input gradient without gradients for the parameters.
+    /// The copies share storage with the variables, so they see later updates (an attack
+    /// crafted mid-training uses the current weights); clone the var map for a snapshot.
+    pub fn frozen(&self) -> Result<Network> {
+        let vars = self.named_vars();
+        let dtype = vars.first().map(|(_, v)| v.dtype()).unwrap_or(DType::F32);
+        let device = vars.first().map(|(_, v)| v.device().clone()).unwrap_or(Device::Cpu);
+        let tensors = vars.into_iter().map(|(n, v)| (n, v.as_detached_tensor())).collect();
+        Network::new(&self.config, VarBuilder::from_tensors(tensors, dtype, &device))
+    }
+
     /// Named variables, sorted by name.
     pub fn named_vars(&self) -> Vec<(String, candle_core::Var)> {
         let data = self.varmap.data().lock().expect("var map lock poisoned");

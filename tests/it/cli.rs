@@ -152,3 +152,135 @@ fn every_command_has_help() {
         assert!(out.contains("Usage: awnet"), "{cmd}: {out}");
     }
 }
+
+#[test]
+fn eval_writes_the_json_the_issue_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.safetensors");
+    let subset = repo().join("assets/fashion-mnist-subset");
+    let subset = subset.to_str().unwrap();
+    ok_stdout(&awnet(&[
+        "init",
+        "--data",
+        subset,
+        "--width",
+        "4",
+        "--out",
+        model.to_str().unwrap(),
+    ]));
+    let out = dir.path().join("report.json");
+    let args = [
+        "eval",
+        model.to_str().unwrap(),
+        "--data",
+        subset,
+        "--n",
+        "40",
+        "--attack",
+        "clean,fgsm,pgd,adaptive,autoattack",
+        "--eps",
+        "8/255",
+        "--steps",
+        "3",
+        "--apgd-steps",
+        "4",
+        "--queries",
+        "5",
+        "--check-n",
+        "20",
+        "--json",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let v: serde_json::Value = serde_json::from_str(&ok_stdout(&awnet(&args))).unwrap();
+    assert_eq!(
+        v,
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&out).unwrap()).unwrap()
+    );
+    assert!(v["clean_accuracy"].is_number() && v["worst_case_accuracy"].is_number() && v["w_robust"].is_number());
+    let attacks = v["attacks"].as_array().unwrap();
+    assert_eq!(
+        attacks.iter().map(|a| a["name"].as_str().unwrap()).collect::<Vec<_>>(),
+        ["fgsm", "pgd", "adaptive", "autoattack"]
+    );
+    assert!(attacks.iter().all(|a| a["robust_accuracy"].is_number() && a["router"]["auc"].is_number() || a["router"]["auc"].is_null()));
+    assert!(attacks[3]["label"].as_str().unwrap().contains("FAB-T not implemented"));
+    assert!(attacks[0]["label"].as_str().unwrap().contains("0.0314 (8/255)"));
+    assert_eq!(v["checks"].as_array().unwrap().len(), 8);
+    assert!(
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["passed"].is_boolean() || c["passed"].is_null())
+    );
+    for key in ["model_sha256", "dataset", "split", "n_images", "seed", "program"] {
+        assert!(!v["record"][key].is_null(), "record.{key}");
+    }
+    assert_eq!(v["record"]["n_images"], 40);
+    // Static models have no router to attack adaptively.
+    let stat = dir.path().join("s.safetensors");
+    ok_stdout(&awnet(&[
+        "init",
+        "--kind",
+        "static",
+        "--data",
+        subset,
+        "--width",
+        "4",
+        "--out",
+        stat.to_str().unwrap(),
+    ]));
+    let out = awnet(&[
+        "eval",
+        stat.to_str().unwrap(),
+        "--data",
+        subset,
+        "--n",
+        "5",
+        "--attack",
+        "adaptive",
+    ]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("needs an AW-Net"));
+    let out = awnet(&[
+        "eval",
+        stat.to_str().unwrap(),
+        "--data",
+        subset,
+        "--attack",
+        "pgd",
+        "--eps",
+        "3/0",
+    ]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("divides by zero"));
+}
+
+#[test]
+fn attack_writes_an_adversarial_png_inside_the_ball() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("resnet18_w4.pth");
+    let sample = repo().join("assets/samples/6-shirt-test4.png");
+    let adv = dir.path().join("adv.png");
+    let args = [
+        "attack",
+        model.to_str().unwrap(),
+        sample.to_str().unwrap(),
+        "--attack",
+        "pgd",
+        "--eps",
+        "8/255",
+        "--steps",
+        "5",
+        "--out",
+        adv.to_str().unwrap(),
+        "--json",
+    ];
+    let v: serde_json::Value = serde_json::from_str(&ok_stdout(&awnet(&args))).unwrap();
+    assert!(v["perturbation"]["linf"].as_f64().unwrap() <= 8.0 / 255.0 + 1e-6);
+    assert_eq!(v["label_source"], "the model's clean prediction");
+    assert_eq!(v["loss_trace"].as_array().unwrap().len(), 6);
+    let back = awnet_lab::data::image::load(&adv, 3, 32).unwrap();
+    let orig = awnet_lab::data::image::load(&sample, 3, 32).unwrap();
+    assert!(back.pixels.iter().zip(&orig.pixels).all(|(a, b)| a.abs_diff(*b) <= 8));
+    assert!(back.pixels != orig.pixels);
+}

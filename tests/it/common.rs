@@ -1,6 +1,7 @@
 use std::path::PathBuf;
 
-use awnet_lab::model::{Arch, Model, ModelConfig, ModelKind};
+use awnet_lab::attack::Classifier;
+use awnet_lab::model::{Arch, Forward, Model, ModelConfig, ModelError, ModelKind};
 use candle_core::{DType, Device, Tensor};
 
 pub fn repo() -> PathBuf {
@@ -78,5 +79,22 @@ pub fn assert_close(a: &[f64], b: &[f64], tol: f64, what: &str) {
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
         let scale = 1.0f64.max(x.abs()).max(y.abs());
         assert!((x - y).abs() <= tol * scale, "{what}[{i}]: {x} vs {y} (tol {tol})");
+    }
+}
+
+/// A linear classifier, `logits = W flatten(x) + b`: closed-form worst cases, quick to train.
+pub struct Linear {
+    pub w: Tensor,
+    pub b: Tensor,
+}
+
+impl Classifier for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Forward, ModelError> {
+        let logits = xs.flatten_from(1)?.matmul(&self.w.t()?)?.broadcast_add(&self.b)?;
+        Ok(Forward {
+            logits,
+            type_logits: None,
+            signals: Vec::new(),
+        })
     }
 }

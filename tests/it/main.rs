@@ -1,8 +1,10 @@
 //! Integration tests: the public API and the `awnet` binary.
 
+mod attacks;
 mod cli;
 mod common;
 mod data;
+mod eval;
 mod malformed;
 mod model;
 mod pytorch;
