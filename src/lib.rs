@@ -12,6 +12,7 @@ pub mod eval;
 pub mod fsutil;
 pub mod model;
 pub mod observe;
+pub mod train;
 
 pub use data::Dataset;
 pub use model::{Arch, Forward, Mode, Model, ModelConfig, ModelKind};

@@ -391,6 +391,11 @@ pub(crate) fn project(adv: &Tensor, x: &Tensor, eps: f64, threat: Threat) -> Res
     Ok(projected.clamp(0.0, 1.0)?)
 }
 
+/// Into the L-inf ball around `x` and into [0, 1] (for training's own PGD).
+pub fn project_linf(adv: &Tensor, x: &Tensor, eps: f64) -> Result<Tensor> {
+    project(adv, x, eps, Threat::Linf)
+}
+
 /// L2 norm of each example, `[b, 1, 1, 1]`.
 pub(crate) fn per_example_norm(t: &Tensor) -> Result<Tensor> {
     let b = t.dim(0)?;

@@ -4,6 +4,7 @@
 mod eval;
 mod info;
 mod predict;
+mod train;
 
 use std::path::{Path, PathBuf};
 
@@ -43,6 +44,77 @@ pub enum Command {
     Eval(EvalArgs),
     /// Attack one picture and write the adversarial image.
     Attack(AttackArgs),
+    /// Train a model: standard, PGD-AT, TRADES, or AW-Net (distilled, or teacher-free).
+    Train(TrainArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    #[arg(long, value_enum)]
+    pub method: crate::train::Method,
+    #[arg(long, value_enum, default_value = "small-cnn")]
+    pub arch: Arch,
+    /// Dataset name or folder; its train split is used, less the held-out part.
+    #[arg(long, default_value = "fashion-mnist")]
+    pub data: String,
+    #[arg(long)]
+    pub epochs: usize,
+    /// The model file, written at every epoch end and on Ctrl-C.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Standard-trained teacher (AW-Net distillation).
+    #[arg(long)]
+    pub teacher_clean: Option<PathBuf>,
+    /// Adversarially trained teacher (AW-Net distillation).
+    #[arg(long)]
+    pub teacher_robust: Option<PathBuf>,
+    /// L-inf radius of the training attack, e.g. 0.1 or 8/255 (default 0.1).
+    #[arg(long)]
+    pub eps: Option<String>,
+    /// Continue the run stored in --out (its settings; --epochs may extend it).
+    #[arg(long)]
+    pub resume: bool,
+    /// Append every epoch's metrics to this JSON-lines file.
+    #[arg(long)]
+    pub log: Option<PathBuf>,
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 0.05)]
+    pub lr: f64,
+    #[arg(long, value_enum, default_value = "sgd")]
+    pub optimizer: crate::train::OptimizerKind,
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    #[arg(long, default_value_t = 5e-4)]
+    pub weight_decay: f64,
+    /// constant, cosine, or step:E1,E2 (x0.1 at those epochs).
+    #[arg(long, default_value = "cosine")]
+    pub schedule: String,
+    /// PGD steps of the training attack (step eps/4).
+    #[arg(long, default_value_t = 10)]
+    pub attack_steps: usize,
+    #[arg(long, default_value_t = 6.0)]
+    pub trades_beta: f64,
+    /// Weight of the router's type loss (AW-Net).
+    #[arg(long, default_value_t = 1.0)]
+    pub lambda_type: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Base width of the backbone.
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Images at the end of the train split kept out of training for the per-epoch metrics.
+    #[arg(long, default_value_t = 5000)]
+    pub holdout: usize,
+    /// Held-out images evaluated at each epoch end.
+    #[arg(long, default_value_t = 1000)]
+    pub monitor_n: usize,
+    /// PGD steps of the per-epoch robustness check.
+    #[arg(long, default_value_t = 10)]
+    pub monitor_steps: usize,
+    /// No random crop or flip.
+    #[arg(long)]
+    pub no_augment: bool,
 }
 
 #[derive(Args, Debug)]
@@ -209,6 +281,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Data(a) => data(&a),
         Command::Init(a) => init(&a),
         Command::Eval(a) => eval::run_eval(&a),
+        Command::Train(a) => train::run(&a),
         Command::Attack(a) => eval::run_attack(&a),
         Command::Import(a) => {
             let mut o = String::new();

@@ -17,6 +17,18 @@ const FORMAT: &str = "awnet-lab/1";
 const KEY_FORMAT: &str = "awnet.format";
 const KEY_CONFIG: &str = "awnet.config";
 const KEY_META: &str = "awnet.meta";
+const KEY_STATE: &str = "awnet.train_state";
+/// Tensors of the training state are stored under this prefix, beside the weights.
+const STATE_PREFIX: &str = "optim.";
+
+/// What a training run needs to resume, stored in the model file beside the weights: a JSON
+/// document (epoch, step, loss balancing, log) and named tensors (optimizer buffers). Loading
+/// a model for anything else ignores it.
+#[derive(Clone, Debug, Default)]
+pub struct TrainingState {
+    pub json: String,
+    pub tensors: BTreeMap<String, Tensor>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -71,7 +83,12 @@ pub struct ModelMeta {
 
 /// Saves `model` to `path` atomically, weights as f32.
 pub fn save(model: &Model, path: &Path) -> Result<(), CheckpointError> {
-    let bytes = serialize(model).map_err(|source| CheckpointError::Model {
+    save_with_state(model, None, path)
+}
+
+/// Saves `model` and, for a run that may resume, its training state, atomically.
+pub fn save_with_state(model: &Model, state: Option<&TrainingState>, path: &Path) -> Result<(), CheckpointError> {
+    let bytes = serialize(model, state).map_err(|source| CheckpointError::Model {
         path: path.to_path_buf(),
         source,
     })?;
@@ -81,12 +98,16 @@ pub fn save(model: &Model, path: &Path) -> Result<(), CheckpointError> {
     })
 }
 
-fn serialize(model: &Model) -> Result<Vec<u8>, ModelError> {
+fn serialize(model: &Model, state: Option<&TrainingState>) -> Result<Vec<u8>, ModelError> {
     let mut tensors = Vec::new();
-    for (name, var) in model.named_vars() {
-        let t = var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let named = model.named_vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone()));
+    let extra = state
+        .into_iter()
+        .flat_map(|s| s.tensors.iter().map(|(n, t)| (format!("{STATE_PREFIX}{n}"), t.clone())));
+    for (name, tensor) in named.chain(extra) {
+        let t = tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let bytes: Vec<u8> = t.iter().flat_map(|v| v.to_le_bytes()).collect();
-        tensors.push((name, var.dims().to_vec(), bytes));
+        tensors.push((name, tensor.dims().to_vec(), bytes));
     }
     let views = tensors
         .iter()
@@ -98,7 +119,7 @@ fn serialize(model: &Model) -> Result<Vec<u8>, ModelError> {
         .collect::<Result<Vec<_>, ModelError>>()?;
     let mut meta = model.meta.clone();
     meta.written_by = format!("awnet-lab {}", env!("CARGO_PKG_VERSION"));
-    let header: HashMap<String, String> = HashMap::from([
+    let mut header: HashMap<String, String> = HashMap::from([
         (KEY_FORMAT.to_string(), FORMAT.to_string()),
         (
             KEY_CONFIG.to_string(),
@@ -109,6 +130,9 @@ fn serialize(model: &Model) -> Result<Vec<u8>, ModelError> {
             serde_json::to_string(&meta).expect("meta serialises"),
         ),
     ]);
+    if let Some(state) = state {
+        header.insert(KEY_STATE.to_string(), state.json.clone());
+    }
     safetensors::serialize(views, Some(header)).map_err(|e| ModelError::Config(e.to_string()))
 }
 
@@ -131,6 +155,11 @@ pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, CheckpointError>
 /// Loads a model file written by [`save`]. A safetensors file without our metadata is taken as a
 /// state dict of a static CIFAR ResNet-18 (see [`super::pytorch`]).
 pub fn load(path: &Path) -> Result<Model, CheckpointError> {
+    load_with_state(path).map(|(model, _)| model)
+}
+
+/// Loads a model file and the training state stored in it, if any.
+pub fn load_with_state(path: &Path) -> Result<(Model, Option<TrainingState>), CheckpointError> {
     let bytes = read_limited(path, MAX_MODEL_BYTES)?;
     if bytes.is_empty() {
         return Err(CheckpointError::format(path, "empty file"));
@@ -147,6 +176,15 @@ pub fn load(path: &Path) -> Result<Model, CheckpointError> {
             .map_err(|e| CheckpointError::format(path, format!("tensor {name}: {e}")))?;
         tensors.insert(name, t);
     }
+    let state_tensors: BTreeMap<String, Tensor> = tensors
+        .iter()
+        .filter_map(|(n, t)| n.strip_prefix(STATE_PREFIX).map(|k| (k.to_string(), t.clone())))
+        .collect();
+    tensors.retain(|n, _| !n.starts_with(STATE_PREFIX));
+    let state = meta_map.get(KEY_STATE).map(|json| TrainingState {
+        json: json.clone(),
+        tensors: state_tensors,
+    });
     let hash = fsutil::sha256_hex(&bytes);
     let mut model = match meta_map.get(KEY_CONFIG) {
         None => super::pytorch::model_from_state_dict(tensors, path, None)?,
@@ -178,7 +216,7 @@ pub fn load(path: &Path) -> Result<Model, CheckpointError> {
         }
     };
     model.meta.file = Some((path.to_path_buf(), hash));
-    Ok(model)
+    Ok((model, state))
 }
 
 /// Copies named tensors into the model's variables. Every variable must be present with its

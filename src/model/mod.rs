@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-pub use checkpoint::{CheckpointError, ModelMeta};
+pub use checkpoint::{CheckpointError, ModelMeta, TrainingState};
 pub use router::RouterConfig;
 
 use norm::NormCtx;

@@ -284,3 +284,62 @@ fn attack_writes_an_adversarial_png_inside_the_ball() {
     assert!(back.pixels.iter().zip(&orig.pixels).all(|(a, b)| a.abs_diff(*b) <= 8));
     assert!(back.pixels != orig.pixels);
 }
+
+#[test]
+fn train_writes_a_model_and_a_log_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    // The bundled test images, presented as a train split.
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    for (from, to) in [
+        ("t10k-images-idx3-ubyte.gz", "train-images-idx3-ubyte.gz"),
+        ("t10k-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    ] {
+        std::fs::copy(repo().join("assets/fashion-mnist-subset").join(from), data.join(to)).unwrap();
+        std::fs::copy(repo().join("assets/fashion-mnist-subset").join(from), data.join(from)).unwrap();
+    }
+    let model = dir.path().join("m.safetensors");
+    let log = dir.path().join("log.jsonl");
+    let common = [
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+        "--log",
+        log.to_str().unwrap(),
+        "--holdout",
+        "936",
+        "--batch-size",
+        "32",
+        "--monitor-n",
+        "16",
+        "--monitor-steps",
+        "1",
+        "--width",
+        "4",
+        "--attack-steps",
+        "1",
+    ];
+    let run = |extra: &[&str]| {
+        let mut args = vec!["train"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&common);
+        awnet(&args)
+    };
+    ok_stdout(&run(&["--method", "pgd-at", "--epochs", "1"]));
+    ok_stdout(&run(&["--method", "pgd-at", "--epochs", "2", "--resume"]));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["epoch"], 1);
+    assert!(lines[1]["robust_label"].as_str().unwrap().contains("PGD-1"));
+    let info: serde_json::Value =
+        serde_json::from_str(&ok_stdout(&awnet(&["info", model.to_str().unwrap(), "--json"]))).unwrap();
+    assert_eq!(info["training"]["method"], "pgd-at");
+    assert_eq!(info["log_summary"].as_array().unwrap().len(), 2);
+    let out = run(&["--method", "awnet", "--epochs", "1"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("teacher"));
+}

@@ -8,3 +8,4 @@ mod eval;
 mod malformed;
 mod model;
 mod pytorch;
+mod train;

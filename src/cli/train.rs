@@ -1,0 +1,270 @@
+//! `awnet train`
+
+use std::io::{IsTerminal, Write as _};
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device};
+
+use super::{TrainArgs, emit, open_model};
+use crate::data::{Augment, Split};
+use crate::model::{Model, ModelConfig, Network, checkpoint};
+use crate::observe::{Observer, Outcome, Progress, StopFlag};
+use crate::train::{self, Run, Schedule, TrainConfig, TrainEvent, TrainObserver};
+
+/// Progress bar on a terminal, a line per epoch always, the JSON-lines log, and Ctrl-C.
+struct Terminal {
+    tty: bool,
+    log: Option<std::fs::File>,
+    stop: StopFlag,
+    log_error: Option<std::io::Error>,
+}
+
+impl Observer for Terminal {
+    fn progress(&mut self, p: &Progress) {
+        if self.tty {
+            eprint!(
+                "\r  {}: {}/{}          ",
+                p.stage.chars().take(60).collect::<String>(),
+                p.done,
+                p.total
+            );
+        }
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop.is_raised()
+    }
+}
+
+impl TrainObserver for Terminal {
+    fn event(&mut self, e: &TrainEvent) {
+        match e {
+            TrainEvent::Started {
+                epochs,
+                steps_per_epoch,
+                resumed_at,
+            } => {
+                eprintln!(
+                    "training {epochs} epochs of {steps_per_epoch} steps{}",
+                    match resumed_at {
+                        Some((ep, st)) => format!(", resuming at epoch {ep}, step {st}"),
+                        None => String::new(),
+                    }
+                );
+            }
+            TrainEvent::Step(s) if self.tty => {
+                let terms = s
+                    .terms
+                    .iter()
+                    .map(|(n, v)| format!("{n} {v:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let bal = s
+                    .balance
+                    .map(|(n, a)| format!(" w_nat {n:.3} w_adv {a:.3}"))
+                    .unwrap_or_default();
+                eprint!(
+                    "\r  epoch {} step {}/{}  loss {:.4} ({terms}{bal})  {:.0} img/s   ",
+                    s.epoch + 1,
+                    s.step + 1,
+                    s.steps_per_epoch,
+                    s.loss,
+                    s.images_per_second
+                );
+                let _ = std::io::stderr().flush();
+            }
+            TrainEvent::Step(_) => {}
+            TrainEvent::Epoch(r) => {
+                if self.tty {
+                    eprintln!();
+                }
+                let router = match (r.router_auc, r.router_type_accuracy) {
+                    (Some(auc), Some(acc)) => format!(", router AUC {auc:.4}, type accuracy {:.2}%", 100.0 * acc),
+                    _ => String::new(),
+                };
+                eprintln!(
+                    "epoch {}: loss {:.4}, lr {:.5}, clean {:.2}%, robust {:.2}%, W-Robust {:.2}%{router}; {:.0} img/s, {:.0} s, about {:.0} s left\n  robust = {}",
+                    r.epoch + 1,
+                    r.train_loss,
+                    r.lr,
+                    100.0 * r.clean_accuracy,
+                    100.0 * r.robust_accuracy,
+                    100.0 * r.w_robust,
+                    r.images_per_second,
+                    r.seconds,
+                    r.eta_seconds,
+                    r.robust_label
+                );
+                if let Some(f) = &mut self.log
+                    && let Err(e) =
+                        writeln!(f, "{}", serde_json::to_string(r).expect("reports serialise")).and_then(|_| f.flush())
+                {
+                    self.log_error = Some(e);
+                }
+            }
+            TrainEvent::Checkpoint { path, epoch, step } => {
+                if self.tty {
+                    eprintln!("  checkpoint {} (epoch {epoch}, step {step})", path.display());
+                }
+            }
+        }
+    }
+}
+
+fn schedule(s: &str) -> Result<Schedule> {
+    Ok(match s {
+        "constant" => Schedule::Constant,
+        "cosine" => Schedule::Cosine,
+        other => match other.strip_prefix("step:") {
+            Some(list) => Schedule::Step {
+                milestones: list
+                    .split(',')
+                    .map(|m| m.trim().parse::<usize>())
+                    .collect::<Result<_, _>>()
+                    .context("milestones are epoch numbers, as in step:15,25")?,
+                gamma: 0.1,
+            },
+            None => bail!("unknown schedule '{other}' (constant, cosine, or step:E1,E2 for x0.1 at those epochs)"),
+        },
+    })
+}
+
+fn teacher(path: &Option<String>, student: &ModelConfig) -> Result<Option<(Model, Network)>> {
+    let Some(p) = path else { return Ok(None) };
+    let m = open_model(std::path::Path::new(p))?;
+    if (m.config.in_channels, m.config.image_size, m.config.num_classes)
+        != (student.in_channels, student.image_size, student.num_classes)
+    {
+        bail!(
+            "teacher {p} takes {}x{}x{} images and {} classes; the student {}x{}x{} and {}",
+            m.config.in_channels,
+            m.config.image_size,
+            m.config.image_size,
+            m.config.num_classes,
+            student.in_channels,
+            student.image_size,
+            student.image_size,
+            student.num_classes
+        );
+    }
+    let net = m.frozen()?;
+    Ok(Some((m, net)))
+}
+
+pub fn run(a: &TrainArgs) -> Result<()> {
+    let (mut model, config, state) = if a.resume {
+        if !a.out.is_file() {
+            bail!("--resume: {} does not exist yet", a.out.display());
+        }
+        let (model, state) = checkpoint::load_with_state(&a.out)?;
+        let state = state.with_context(|| {
+            format!(
+                "{} holds no training state to resume (a finished or imported model?)",
+                a.out.display()
+            )
+        })?;
+        let mut config: TrainConfig = serde_json::from_value(
+            model
+                .meta
+                .training
+                .clone()
+                .context("the model records no training settings")?,
+        )
+        .context("unreadable training settings in the model file")?;
+        config.epochs = a.epochs;
+        (model, config, Some(state))
+    } else {
+        let eps = match &a.eps {
+            Some(e) => crate::attack::parse_eps(e).map_err(anyhow::Error::msg)?,
+            None => 0.1,
+        };
+        let mut c = TrainConfig::new(a.method, &a.data, a.epochs, eps);
+        c.batch_size = a.batch_size;
+        c.lr = a.lr;
+        c.optimizer = a.optimizer;
+        c.momentum = a.momentum;
+        c.weight_decay = a.weight_decay;
+        c.schedule = schedule(&a.schedule)?;
+        c.attack_steps = a.attack_steps;
+        c.trades_beta = a.trades_beta;
+        c.lambda_type = a.lambda_type;
+        c.seed = a.seed;
+        c.holdout = a.holdout;
+        c.monitor_n = a.monitor_n;
+        c.monitor_steps = a.monitor_steps;
+        if a.no_augment {
+            c.augment = Augment::default();
+        }
+        c.teacher_clean = a.teacher_clean.as_ref().map(|p| p.display().to_string());
+        c.teacher_robust = a.teacher_robust.as_ref().map(|p| p.display().to_string());
+        let ds =
+            crate::data::load(&c.data, Split::Test, None).context("the dataset fixes the model's input and classes")?;
+        let mut mc = ModelConfig::new(a.arch, a.method.model_kind(), ds.channels, ds.height, ds.num_classes());
+        mc.class_names = ds.class_names.clone();
+        if let Some(w) = a.width {
+            mc.width = w;
+        }
+        (Model::new(mc, a.seed, DType::F32, &Device::Cpu)?, c, None)
+    };
+    let full = crate::data::load(
+        &config.data,
+        Split::Train,
+        Some((model.config.in_channels, model.config.image_size)),
+    )?;
+    eprintln!("data: {}", full.describe());
+    let (train_part, held_out) = train::split_holdout(&full, config.holdout)?;
+    let clean_t = teacher(&config.teacher_clean, &model.config)?;
+    let robust_t = teacher(&config.teacher_robust, &model.config)?;
+    let teachers = clean_t.as_ref().zip(robust_t.as_ref()).map(|((_, c), (_, r))| (c, r));
+    let run = Run {
+        config,
+        train: &train_part,
+        monitor: &held_out,
+        teachers,
+        out: a.out.clone(),
+    };
+    let stop = StopFlag::default();
+    let handler_flag = stop.clone();
+    // Ctrl-C asks the loop to stop at the next step; it then writes a checkpoint and returns.
+    let _ = ctrlc::set_handler(move || handler_flag.raise());
+    let log = match &a.log {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("cannot open the log {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let mut obs = Terminal {
+        tty: std::io::stderr().is_terminal(),
+        log,
+        stop,
+        log_error: None,
+    };
+    let outcome = train::train(&mut model, &run, state, &mut obs)?;
+    if let Some(e) = obs.log_error {
+        bail!("training finished, but the log could not be written: {e}");
+    }
+    match outcome {
+        Outcome::Done(log) => {
+            let last = log
+                .last()
+                .map(|r| {
+                    format!(
+                        "; last epoch: clean {:.2}%, robust {:.2}% ({})",
+                        100.0 * r.clean_accuracy,
+                        100.0 * r.robust_accuracy,
+                        r.robust_label
+                    )
+                })
+                .unwrap_or_default();
+            emit(&format!("wrote {}{last}\n", a.out.display()))
+        }
+        Outcome::Cancelled => emit(&format!(
+            "stopped; checkpoint in {} (continue with --resume)\n",
+            a.out.display()
+        )),
+    }
+}
