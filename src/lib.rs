@@ -16,3 +16,16 @@ pub mod train;
 
 pub use data::Dataset;
 pub use model::{Arch, Forward, Mode, Model, ModelConfig, ModelKind};
+
+/// Keeps freed tensor buffers in the heap instead of returning them to the kernel: candle
+/// allocates and frees large buffers on every op, and glibc's defaults (mmap above 128 KiB, trim
+/// on free) turn each into page faults. Call once, first thing in `main`.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}

@@ -531,6 +531,59 @@ fn monitor(model: &Model, run: &Run, obs: &mut dyn TrainObserver) -> Result<Opti
     }))
 }
 
+/// The outcome of one optimisation step.
+pub struct StepDone {
+    pub loss: f64,
+    pub terms: Vec<(String, f64)>,
+    /// Whether the AW-Net balancing weights were updated.
+    pub balanced: bool,
+}
+
+/// One optimisation step on a mini-batch: the method's loss, its backward pass, the optimizer
+/// update and (AW-Net) the balancing update. `seed` fixes the attack's random start. A loss
+/// that is not finite leaves the model untouched and returns `NonFinite`.
+#[allow(clippy::too_many_arguments)]
+pub fn step(
+    model: &Model,
+    run: &Run,
+    state: &mut RunState,
+    opt: &mut Optimizer,
+    xs: &Tensor,
+    ys: &[u32],
+    lr: f64,
+    seed: u64,
+) -> Result<StepDone> {
+    let cfg = &run.config;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let loss = step_loss(model, run, state, xs, ys, &mut rng)?;
+    let value = scalar(&loss.total)?;
+    if !value.is_finite() {
+        let terms = loss
+            .terms
+            .iter()
+            .map(|(n, v)| format!("{n} {v:.4}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(TrainError::NonFinite {
+            value,
+            epoch: state.epoch,
+            step: state.step,
+            terms,
+        });
+    }
+    let grads = loss.total.backward()?;
+    opt.step(&grads, lr)?;
+    drop(grads);
+    if let Some(pair) = loss.balanced {
+        rebalance(state, pair, cfg.balance_rate, cfg.balance_beta);
+    }
+    Ok(StepDone {
+        loss: value,
+        terms: loss.terms,
+        balanced: loss.balanced.is_some(),
+    })
+}
+
 /// Trains `model` (fresh, or restored from `resume`) and returns the epoch log, or `Cancelled`
 /// after writing a checkpoint when the observer asks to stop.
 pub fn train(
@@ -597,42 +650,29 @@ pub fn train(
                 return Ok(Outcome::Cancelled);
             }
             let ys: Vec<u32> = batch.labels.to_vec1::<u32>()?;
-            let mut rng = StdRng::seed_from_u64(cfg.seed ^ ((epoch as u64) << 32) ^ k as u64);
-            let loss = step_loss(model, run, &state, &batch.images, &ys, &mut rng)?;
-            let value = scalar(&loss.total)?;
-            let terms = loss
-                .terms
-                .iter()
-                .map(|(n, v)| format!("{n} {v:.4}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            if !value.is_finite() {
-                return Err(TrainError::NonFinite {
+            let seed = cfg.seed ^ ((epoch as u64) << 32) ^ k as u64;
+            let done = step(model, run, &mut state, &mut opt, &batch.images, &ys, lr, seed).map_err(|e| match e {
+                TrainError::NonFinite { value, terms, .. } => TrainError::NonFinite {
                     value,
                     epoch,
                     step: k,
                     terms,
-                });
-            }
-            let grads = loss.total.backward()?;
-            opt.step(&grads, lr)?;
-            drop(grads);
-            if let Some(pair) = loss.balanced {
-                rebalance(&mut state, pair, cfg.balance_rate, cfg.balance_beta);
-            }
+                },
+                other => other,
+            })?;
             images += ys.len();
             state.step = k + 1;
             state.global_step += 1;
-            state.train_loss_sum += value;
+            state.train_loss_sum += done.loss;
             obs.event(&TrainEvent::Step(StepReport {
                 epoch,
                 step: k,
                 steps_per_epoch,
                 global_step: state.global_step,
                 lr,
-                loss: value,
-                terms: loss.terms,
-                balance: loss.balanced.map(|_| (1.0 - state.w_adv, state.w_adv)),
+                loss: done.loss,
+                terms: done.terms,
+                balance: done.balanced.then_some((1.0 - state.w_adv, state.w_adv)),
                 images_per_second: images as f64 / started.elapsed().as_secs_f64().max(1e-9),
             }));
         }

@@ -1,0 +1,223 @@
+//! `cargo bench`: the engine's throughput on this machine, next to PyTorch's when PyTorch is
+//! installed (`benches/pytorch_reference.py` implements the same models and steps).
+//!
+//! Workloads, on real Fashion-MNIST images (the bundled subset), batch 128 unless said:
+//! inference; a standard training step; a PGD-10 adversarial training step (PGD-AT); an AW-Net
+//! distillation step with two teachers; one PGD-20 attack on one image (latency); PGD-20 on
+//! 1,000 images; peak memory. Each number is the median of several timed runs after a warm-up.
+//! Set AWNET_BENCH_PYTHON to the Python that has PyTorch (default `python3`).
+
+use std::process::Command;
+use std::time::Instant;
+
+use awnet_lab::attack::{self, AttackConfig, AttackKind};
+use awnet_lab::data::{self, Split};
+use awnet_lab::model::{Arch, Model, ModelConfig, ModelKind};
+use awnet_lab::observe::Outcome;
+use awnet_lab::train::{self, Method, Optimizer, Run, RunState, TrainConfig};
+use candle_core::{DType, Device};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median seconds of `runs` timed calls after `warmup` untimed ones.
+fn time(warmup: usize, runs: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..warmup {
+        f();
+    }
+    median(
+        (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn model(kind: ModelKind, seed: u64) -> Model {
+    let mut c = ModelConfig::new(Arch::SmallCnn, kind, 1, 28, 10);
+    c.width = 32;
+    Model::new(c, seed, DType::F32, &Device::Cpu).expect("the small CNN builds")
+}
+
+struct Row {
+    key: &'static str,
+    what: &'static str,
+    unit: &'static str,
+    value: f64,
+}
+
+fn main() {
+    awnet_lab::tune_allocator();
+    let assets = awnet_lab::data::resolve::assets_dir().join(awnet_lab::data::resolve::BUNDLED_SUBSET);
+    let ds = data::load(assets.to_str().expect("utf-8 path"), Split::Test, None).expect("the bundled subset loads");
+    let dev = Device::Cpu;
+    let batch: Vec<usize> = (0..128).collect();
+    let xs = ds.images_tensor(&batch, &dev).unwrap();
+    let ys: Vec<u32> = batch.iter().map(|&i| u32::from(ds.labels[i])).collect();
+    let stat = model(ModelKind::Static, 0);
+    let aw = model(ModelKind::Awnet, 0);
+    let mut rows = Vec::new();
+
+    for (key, what, m) in [
+        ("infer_static", "inference, static small CNN", &stat),
+        ("infer_awnet", "inference, AW-Net small CNN", &aw),
+    ] {
+        let net = m.frozen().unwrap();
+        let s = time(2, 7, || {
+            attack::predict(&net, &xs).unwrap();
+        });
+        rows.push(Row {
+            key,
+            what,
+            unit: "img/s",
+            value: 128.0 / s,
+        });
+    }
+
+    let held = &ds;
+    let teacher_a = model(ModelKind::Static, 1).frozen().unwrap();
+    let teacher_b = model(ModelKind::Static, 2).frozen().unwrap();
+    for (key, what, method, runs) in [
+        (
+            "train_standard",
+            "training step, standard (static)",
+            Method::Standard,
+            7,
+        ),
+        (
+            "train_pgd_at",
+            "PGD-10 adversarial training step (PGD-AT, static)",
+            Method::PgdAt,
+            3,
+        ),
+        (
+            "train_awnet",
+            "AW-Net distillation step, PGD-10, two teachers",
+            Method::Awnet,
+            3,
+        ),
+    ] {
+        let m = model(method.model_kind(), 3);
+        let mut cfg = TrainConfig::new(method, "bench", 1, 0.1);
+        cfg.teacher_clean = Some("a".into());
+        cfg.teacher_robust = Some("b".into());
+        let run = Run {
+            config: cfg,
+            train: held,
+            monitor: held,
+            teachers: Some((&teacher_a, &teacher_b)),
+            out: "unused".into(),
+        };
+        let mut state = RunState {
+            w_adv: 0.5,
+            ..RunState::default()
+        };
+        let mut opt = Optimizer::new(&m, run.config.optimizer, 0.9, 5e-4);
+        let s = time(1, runs, || {
+            train::step(&m, &run, &mut state, &mut opt, &xs, &ys, 0.05, 0).unwrap();
+        });
+        rows.push(Row {
+            key,
+            what,
+            unit: "img/s",
+            value: 128.0 / s,
+        });
+    }
+
+    let net = aw.frozen().unwrap();
+    let one = xs.narrow(0, 0, 1).unwrap();
+    let mut pgd20 = AttackConfig::new(AttackKind::Pgd, 0.1);
+    pgd20.steps = Some(20);
+    let s = time(2, 11, || {
+        let _ = attack::run(&net, &one, &ys[..1], &pgd20, &|| false).unwrap();
+    });
+    rows.push(Row {
+        key: "pgd20_one_image_ms",
+        what: "PGD-20 on one image, AW-Net (latency)",
+        unit: "ms",
+        value: 1000.0 * s,
+    });
+
+    let all: Vec<usize> = (0..1000).collect();
+    let labels: Vec<u32> = all.iter().map(|&i| u32::from(ds.labels[i])).collect();
+    let s = time(0, 1, || {
+        for chunk in all.chunks(128) {
+            let x = ds.images_tensor(chunk, &dev).unwrap();
+            let y = &labels[chunk[0]..chunk[0] + chunk.len()];
+            let Outcome::Done(r) = attack::run(&net, &x, y, &pgd20, &|| false).unwrap() else {
+                unreachable!()
+            };
+            attack::predict(&net, &r.adv).unwrap();
+        }
+    });
+    rows.push(Row {
+        key: "pgd20_eval_1000_s",
+        what: "PGD-20 on 1,000 images, AW-Net (all attacked)",
+        unit: "s",
+        value: s,
+    });
+    rows.push(Row {
+        key: "peak_rss_mib",
+        what: "peak memory (resident)",
+        unit: "MiB",
+        value: peak_rss_mib(),
+    });
+
+    let reference = pytorch_reference();
+    let threads = candle_core::utils::get_num_threads();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "awnet-lab {} bench: candle {threads} threads, glibc malloc with raised mmap/trim thresholds, load {}",
+        env!("CARGO_PKG_VERSION"),
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
+    match &reference {
+        Some(r) => println!(
+            "PyTorch {} with {} threads",
+            r["torch_version"].as_str().unwrap_or("?"),
+            r["threads"]
+        ),
+        None => println!("PyTorch reference: not run (no PyTorch in AWNET_BENCH_PYTHON or python3)"),
+    }
+    println!("{:<52} {:>12} {:>12} {:>8}", "workload", "candle", "PyTorch", "ratio");
+    for r in &rows {
+        let theirs = reference.as_ref().and_then(|v| v[r.key].as_f64());
+        let ratio = theirs.map(|t| if r.unit == "img/s" { r.value / t } else { t / r.value });
+        println!(
+            "{:<52} {:>8.1} {:<3} {:>8} {:<3} {:>8}",
+            r.what,
+            r.value,
+            r.unit,
+            theirs.map_or("-".into(), |t| format!("{t:.1}")),
+            if theirs.is_some() { r.unit } else { "" },
+            ratio.map_or("-".into(), |x| format!("{x:.2}x"))
+        );
+    }
+    println!("(ratio > 1: candle faster; peak memory is compared as PyTorch / candle)");
+}
+
+fn pytorch_reference() -> Option<serde_json::Value> {
+    let python = std::env::var("AWNET_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/pytorch_reference.py");
+    let out = Command::new(python).arg(script).arg("--json").output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
