@@ -141,11 +141,15 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
             model.config.num_classes
         );
     }
-    let eps = match &a.eps {
-        Some(e) => attack::parse_eps(e).map_err(anyhow::Error::msg)?,
-        None if model.config.in_channels == 3 => 8.0 / 255.0,
-        None => 0.1,
+    let eps_list: Vec<f64> = match &a.eps {
+        Some(e) => e
+            .split(',')
+            .map(|e| attack::parse_eps(e).map_err(anyhow::Error::msg))
+            .collect::<Result<_>>()?,
+        None if model.config.in_channels == 3 => vec![8.0 / 255.0],
+        None => vec![0.1],
     };
+    let eps = eps_list[0];
     let source_model = a.source.as_ref().map(|p| open_model(p)).transpose()?;
     let source_net = source_model.as_ref().map(|m| m.frozen()).transpose()?;
     let specs = specs(a, eps, source_model.as_ref().map(model_name).as_deref())?;
@@ -174,6 +178,23 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
         .as_ref()
         .zip(source_model.as_ref())
         .map(|(n, m)| (n as &dyn Classifier, model_name(m)));
+    if eps_list.len() > 1 {
+        let outcome = eval::sweep(&subject, source, &data, a.split, n, &settings, &eps_list, &mut progress)?;
+        drop(progress);
+        let Outcome::Done(reports) = outcome else {
+            bail!("evaluation stopped");
+        };
+        let json = serde_json::json!({"sweep": reports.iter().map(report_json).collect::<Vec<_>>()});
+        if let Some(out) = &a.out {
+            crate::fsutil::write_atomic(out, serde_json::to_string_pretty(&json)?.as_bytes())
+                .with_context(|| format!("cannot write {}", out.display()))?;
+        }
+        return emit(&if a.json {
+            serde_json::to_string_pretty(&json)? + "\n"
+        } else {
+            sweep_text(&reports)?
+        });
+    }
     let outcome = eval::evaluate(&subject, source, &data, a.split, n, &settings, &mut progress)?;
     drop(progress);
     let Outcome::Done(report) = outcome else {
@@ -281,6 +302,62 @@ fn report_text(r: &Report) -> Result<String> {
         }
     } else {
         writeln!(o, "sanity checks: not run (--no-checks)")?;
+    }
+    Ok(o)
+}
+
+/// Accuracy against eps as a table, one column per attack and the worst case.
+fn sweep_text(reports: &[Report]) -> Result<String> {
+    let mut o = String::new();
+    let first = &reports[0];
+    writeln!(o, "model     {}", first.record.model)?;
+    writeln!(
+        o,
+        "data      {}, first {} images",
+        first.record.dataset, first.record.n_images
+    )?;
+    for a in &first.attacks {
+        writeln!(o, "attack    {}", a.label)?;
+    }
+    write!(o, "{:>22} {:>9}", "eps", "clean")?;
+    for a in &first.attacks {
+        write!(o, " {:>12}", a.name)?;
+    }
+    writeln!(o, " {:>11}", "worst case")?;
+    let mut previous = f64::INFINITY;
+    let mut rises = Vec::new();
+    for r in reports {
+        let eps = match &r.attacks.first().map(|a| &a.spec) {
+            Some(AttackSpec::Single(c)) | Some(AttackSpec::Transfer { config: c, .. }) => c.eps,
+            Some(AttackSpec::AutoAttack { eps, .. }) => *eps,
+            None => f64::NAN,
+        };
+        write!(o, "{:>22} {:>9}", format_eps(eps), pct(r.clean_accuracy))?;
+        for a in &r.attacks {
+            write!(o, " {:>12}", pct(a.robust_accuracy))?;
+        }
+        let worst = r.worst_case_accuracy.unwrap_or(r.clean_accuracy);
+        writeln!(o, " {:>11}", pct(worst))?;
+        if worst > previous {
+            rises.push(format_eps(eps));
+        }
+        previous = worst;
+    }
+    if !rises.is_empty() {
+        writeln!(
+            o,
+            "WARNING: worst-case accuracy rose with eps at {} (order the list by eps; otherwise the attack is not converging)",
+            rises.join(", ")
+        )?;
+    }
+    if let Some(last) = reports.last() {
+        o.push_str(
+            &report_text(last)?
+                .lines()
+                .filter(|l| l.starts_with("sanity") || l.starts_with("  [") || l.starts_with("         casts"))
+                .map(|l| format!("{l}\n"))
+                .collect::<String>(),
+        );
     }
     Ok(o)
 }

@@ -134,7 +134,7 @@ pub struct EvalArgs {
     #[arg(long, default_value = "pgd")]
     pub attack: String,
     /// Radius in pixel units, a number or a fraction like 8/255 (default: 8/255 for colour
-    /// images, 0.1 for grey).
+    /// images, 0.1 for grey); a comma-separated list gives accuracy against eps.
     #[arg(long)]
     pub eps: Option<String>,
     #[arg(long, value_enum, default_value = "linf")]

@@ -84,6 +84,33 @@ impl AttackSpec {
         }
     }
 
+    /// The same attack at another radius.
+    pub fn with_eps(&self, eps: f64) -> Self {
+        match self.clone() {
+            Self::Single(mut c) => {
+                c.eps = eps;
+                Self::Single(c)
+            }
+            Self::AutoAttack {
+                threat,
+                apgd_steps,
+                square_queries,
+                seed,
+                ..
+            } => Self::AutoAttack {
+                eps,
+                threat,
+                apgd_steps,
+                square_queries,
+                seed,
+            },
+            Self::Transfer { mut config, source } => {
+                config.eps = eps;
+                Self::Transfer { config, source }
+            }
+        }
+    }
+
     fn is_white_box(&self) -> bool {
         match self {
             Self::Single(c) => c.kind.is_white_box(),
@@ -520,4 +547,34 @@ fn strength(specs: &[AttackSpec], n: usize) -> String {
             .iter()
             .any(|s| matches!(s, AttackSpec::AutoAttack { apgd_steps, .. } if *apgd_steps >= 100));
     if full { "full".into() } else { "quick".into() }
+}
+
+/// Accuracy against eps: the whole evaluation once per radius, on the same images with the same
+/// attacks and seed. The sanity checks, if asked for, run with the largest radius only.
+#[allow(clippy::too_many_arguments)]
+pub fn sweep(
+    subject: &Subject,
+    source: Option<(&dyn Classifier, String)>,
+    data: &Dataset,
+    split: Split,
+    n: usize,
+    settings: &Settings,
+    eps: &[f64],
+    obs: &mut dyn Observer,
+) -> Result<Outcome<Vec<Report>>> {
+    let largest = eps.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let mut reports = Vec::with_capacity(eps.len());
+    for &e in eps {
+        let s = Settings {
+            attacks: settings.attacks.iter().map(|a| a.with_eps(e)).collect(),
+            checks: settings.checks && e == largest,
+            ..settings.clone()
+        };
+        let src = source.as_ref().map(|(m, name)| (*m, name.clone()));
+        match evaluate(subject, src, data, split, n, &s, obs)? {
+            Outcome::Done(r) => reports.push(r),
+            Outcome::Cancelled => return Ok(Outcome::Cancelled),
+        }
+    }
+    Ok(Outcome::Done(reports))
 }
