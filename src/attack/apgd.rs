@@ -175,6 +175,11 @@ fn single(
         for (f, n) in any_fooled.iter_mut().zip(&now) {
             *f |= n;
         }
+        // Every example has a point that fools the model: nothing left to search for.
+        if any_fooled.iter().all(|&f| f) {
+            trace.push(mean(&loss));
+            break;
+        }
         let improved: Vec<bool> = loss.iter().zip(&loss_best).map(|(l, b)| l > b).collect();
         x_best = select(&improved, &x_adv, &x_best)?;
         grad_best = select(&improved, &grad, &grad_best)?;
