@@ -43,7 +43,7 @@ impl Conv2d {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let ys = xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        let ys = super::conv::conv2d(xs, &self.weight, self.stride, self.padding)?;
         match &self.bias {
             Some(b) => ys.broadcast_add(&b.reshape((1, (), 1, 1))?),
             None => Ok(ys),

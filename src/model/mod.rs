@@ -2,6 +2,7 @@
 //! checkpoints and PyTorch import.
 
 pub mod checkpoint;
+pub mod conv;
 pub mod init;
 pub mod layers;
 pub mod norm;

@@ -188,12 +188,28 @@ fn awnet_evaluation_measures_the_router() {
 fn accuracy_against_eps_starts_at_clean_accuracy_and_never_rises() {
     let ds = subset();
     let model = train_logistic(&ds);
-    let subject = Subject { model: &model, is_awnet: false, name: "logistic".into(), file: "none".into(), sha256: "0".into() };
+    let subject = Subject {
+        model: &model,
+        is_awnet: false,
+        name: "logistic".into(),
+        file: "none".into(),
+        sha256: "0".into(),
+    };
     let mut pgd = AttackConfig::new(AttackKind::Pgd, 0.0);
     pgd.steps = Some(5);
-    let settings = Settings { attacks: vec![AttackSpec::Single(pgd)], batch_size: 100, seed: 0, checks: false, check_n: 0 };
+    let settings = Settings {
+        attacks: vec![AttackSpec::Single(pgd)],
+        batch_size: 100,
+        seed: 0,
+        checks: false,
+        check_n: 0,
+    };
     let eps = [0.0, 0.01, 0.03, 0.1];
-    let Outcome::Done(reports) = eval::sweep(&subject, None, &ds, Split::Test, 200, &settings, &eps, &mut Silent).unwrap() else { panic!() };
+    let Outcome::Done(reports) =
+        eval::sweep(&subject, None, &ds, Split::Test, 200, &settings, &eps, &mut Silent).unwrap()
+    else {
+        panic!()
+    };
     let acc: Vec<f64> = reports.iter().map(|r| r.worst_case_accuracy.unwrap()).collect();
     assert_eq!(acc[0], reports[0].clean_accuracy);
     assert!(acc.windows(2).all(|w| w[1] <= w[0]), "{acc:?}");

@@ -1,0 +1,565 @@
+//! The project's own CPU convolution: im2col around the `gemm` crate, one sample per task on
+//! rayon's pool, with the input gradient and the weight gradient as separate kernels that the
+//! backward pass runs only for the arguments that need them.
+//!
+//! candle 0.11's CPU convolution reaches a fraction of the gemm ceiling here, its input gradient is
+//! a naive `conv_transpose2d`, and its backward always computes the weight gradient too, even in an
+//! attack over frozen weights. This module replaces all three for `f32` and `f64` CPU tensors;
+//! other devices and dtypes keep candle's convolution (`conv2d`).
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType, bail};
+use rayon::prelude::*;
+
+/// Square kernel, equal stride and padding on both axes, no dilation, no groups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Geom {
+    b: usize,
+    c_in: usize,
+    h: usize,
+    w: usize,
+    c_out: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    h_out: usize,
+    w_out: usize,
+}
+
+impl Geom {
+    fn new(x: &[usize], w: &[usize], stride: usize, pad: usize) -> Result<Self> {
+        let (&[b, c_in, h, wd], &[c_out, wc_in, k, k2]) = (x, w) else {
+            bail!("convolution wants [b, c, h, w] input and [c_out, c_in, k, k] weight, got {x:?} and {w:?}")
+        };
+        if wc_in != c_in || k != k2 || stride == 0 || k == 0 || h + 2 * pad < k || wd + 2 * pad < k {
+            bail!("convolution of {x:?} with weight {w:?}, stride {stride}, padding {pad} is not defined")
+        }
+        Ok(Self {
+            b,
+            c_in,
+            h,
+            w: wd,
+            c_out,
+            k,
+            stride,
+            pad,
+            h_out: (h + 2 * pad - k) / stride + 1,
+            w_out: (wd + 2 * pad - k) / stride + 1,
+        })
+    }
+
+    /// Rows of the im2col matrix: `c_in * k * k`.
+    fn kdim(&self) -> usize {
+        self.c_in * self.k * self.k
+    }
+
+    fn hw(&self) -> usize {
+        self.h * self.w
+    }
+
+    fn hw_out(&self) -> usize {
+        self.h_out * self.w_out
+    }
+
+    /// A 1x1 convolution with stride 1 and no padding needs no im2col: the image is the matrix.
+    fn is_pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1 && self.pad == 0
+    }
+
+    /// Output columns `[lo, hi)` of row `ki` (or `kj`) that read inside the image.
+    fn valid(&self, kk: usize, n_out: usize, n_in: usize) -> (usize, usize) {
+        // o * stride + kk - pad in [0, n_in)
+        let lo = self.pad.saturating_sub(kk).div_ceil(self.stride);
+        let hi = (n_in + self.pad).saturating_sub(kk).div_ceil(self.stride).min(n_out);
+        (lo.min(hi), hi)
+    }
+}
+
+/// `cols[(ci, ki, kj), (oy, ox)] = x[ci, oy*s + ki - p, ox*s + kj - p]`, zero outside.
+fn im2col<T: WithDType>(g: &Geom, x: &[T], cols: &mut [T]) {
+    let (k, s, p, wo, ho) = (g.k, g.stride, g.pad, g.w_out, g.h_out);
+    for ci in 0..g.c_in {
+        let plane = &x[ci * g.hw()..(ci + 1) * g.hw()];
+        for ki in 0..k {
+            let (oy_lo, oy_hi) = g.valid(ki, ho, g.h);
+            for kj in 0..k {
+                let (ox_lo, ox_hi) = g.valid(kj, wo, g.w);
+                let row = &mut cols[((ci * k + ki) * k + kj) * g.hw_out()..][..g.hw_out()];
+                row[..oy_lo * wo].fill(T::zero());
+                row[oy_hi * wo..].fill(T::zero());
+                for oy in oy_lo..oy_hi {
+                    let src = &plane[(oy * s + ki - p) * g.w..][..g.w];
+                    let dst = &mut row[oy * wo..(oy + 1) * wo];
+                    dst[..ox_lo].fill(T::zero());
+                    dst[ox_hi..].fill(T::zero());
+                    if s == 1 {
+                        let start = ox_lo + kj - p;
+                        dst[ox_lo..ox_hi].copy_from_slice(&src[start..start + ox_hi - ox_lo]);
+                    } else {
+                        for ox in ox_lo..ox_hi {
+                            dst[ox] = src[ox * s + kj - p];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of `im2col`: adds every column entry back onto the pixel it was read from.
+fn col2im<T: WithDType>(g: &Geom, cols: &[T], dx: &mut [T]) {
+    let (k, s, p, wo, ho) = (g.k, g.stride, g.pad, g.w_out, g.h_out);
+    dx.fill(T::zero());
+    for ci in 0..g.c_in {
+        let plane = &mut dx[ci * g.hw()..(ci + 1) * g.hw()];
+        for ki in 0..k {
+            let (oy_lo, oy_hi) = g.valid(ki, ho, g.h);
+            for kj in 0..k {
+                let (ox_lo, ox_hi) = g.valid(kj, wo, g.w);
+                let row = &cols[((ci * k + ki) * k + kj) * g.hw_out()..][..g.hw_out()];
+                for oy in oy_lo..oy_hi {
+                    let dst = &mut plane[(oy * s + ki - p) * g.w..][..g.w];
+                    let src = &row[oy * wo..(oy + 1) * wo];
+                    for ox in ox_lo..ox_hi {
+                        dst[ox * s + kj - p] += src[ox];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Row-major matrix view for `gemm`: pointer, row stride, column stride.
+#[derive(Clone, Copy)]
+struct Mat<T> {
+    ptr: *const T,
+    rs: isize,
+    cs: isize,
+}
+
+impl<T> Mat<T> {
+    fn rows(ptr: *const T, cols: usize) -> Self {
+        Self {
+            ptr,
+            rs: cols as isize,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of a row-major `[rows, cols]` matrix.
+    fn transposed(ptr: *const T, cols: usize) -> Self {
+        Self {
+            ptr,
+            rs: 1,
+            cs: cols as isize,
+        }
+    }
+}
+
+/// `dst[m, n] (+)= lhs[m, k] * rhs[k, n]`, `dst` row-major, single-threaded (the callers already
+/// run one sample per thread).
+///
+/// # Safety
+/// `lhs` and `rhs` must address `m x k` and `k x n` readable elements with their strides; `dst`
+/// must hold `m * n` elements.
+unsafe fn matmul<T: WithDType>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    accumulate: bool,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+) {
+    debug_assert!(dst.len() >= m * n);
+    // SAFETY: the caller guarantees the extents; gemm's `alpha` scales the old `dst` (read only
+    // when `read_dst`) and `beta` the product.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.cs,
+            lhs.rs,
+            rhs.ptr,
+            rhs.cs,
+            rhs.rs,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Samples per rayon task: enough tasks to balance, few enough to reuse the im2col buffer.
+fn chunk(b: usize) -> usize {
+    b.div_ceil(4 * rayon::current_num_threads()).max(1)
+}
+
+fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+    let (kd, hwo) = (g.kdim(), g.hw_out());
+    let mut out = vec![T::zero(); g.b * g.c_out * hwo];
+    let c = chunk(g.b);
+    out.par_chunks_mut(c * g.c_out * hwo).enumerate().for_each(|(t, out)| {
+        let mut cols = if g.is_pointwise() {
+            Vec::new()
+        } else {
+            vec![T::zero(); kd * hwo]
+        };
+        for (i, out) in out.chunks_mut(g.c_out * hwo).enumerate() {
+            let x = &x[(t * c + i) * g.c_in * g.hw()..][..g.c_in * g.hw()];
+            let rhs = if g.is_pointwise() {
+                x
+            } else {
+                im2col(g, x, &mut cols);
+                &cols
+            };
+            // SAFETY: w is [c_out, kd], rhs [kd, hwo], out [c_out, hwo], all row-major.
+            unsafe {
+                matmul(
+                    g.c_out,
+                    hwo,
+                    kd,
+                    out,
+                    false,
+                    Mat::rows(w.as_ptr(), kd),
+                    Mat::rows(rhs.as_ptr(), hwo),
+                )
+            };
+        }
+    });
+    out
+}
+
+/// `dx` from the output gradient `dy` `[b, c_out, h_out, w_out]` and the weight.
+fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
+    let (kd, hwo) = (g.kdim(), g.hw_out());
+    let mut dx = vec![T::zero(); g.b * g.c_in * g.hw()];
+    let c = chunk(g.b);
+    dx.par_chunks_mut(c * g.c_in * g.hw()).enumerate().for_each(|(t, dx)| {
+        let mut cols = if g.is_pointwise() {
+            Vec::new()
+        } else {
+            vec![T::zero(); kd * hwo]
+        };
+        for (i, dx) in dx.chunks_mut(g.c_in * g.hw()).enumerate() {
+            let dy = &dy[(t * c + i) * g.c_out * hwo..][..g.c_out * hwo];
+            let dst = if g.is_pointwise() { &mut *dx } else { &mut cols[..] };
+            // SAFETY: w^T is [kd, c_out], dy [c_out, hwo], dst [kd, hwo].
+            unsafe {
+                matmul(
+                    kd,
+                    hwo,
+                    g.c_out,
+                    dst,
+                    false,
+                    Mat::transposed(w.as_ptr(), kd),
+                    Mat::rows(dy.as_ptr(), hwo),
+                )
+            };
+            if !g.is_pointwise() {
+                col2im(g, &cols, dx);
+            }
+        }
+    });
+    dx
+}
+
+/// `dw` `[c_out, c_in, k, k]` from the output gradient and the input, summed over the batch.
+fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
+    let (kd, hwo) = (g.kdim(), g.hw_out());
+    let c = chunk(g.b);
+    let partial = |t: usize| {
+        let mut dw = vec![T::zero(); g.c_out * kd];
+        let mut cols = if g.is_pointwise() {
+            Vec::new()
+        } else {
+            vec![T::zero(); kd * hwo]
+        };
+        for (i, sample) in (t * c..((t + 1) * c).min(g.b)).enumerate() {
+            let x = &x[sample * g.c_in * g.hw()..][..g.c_in * g.hw()];
+            let dy = &dy[sample * g.c_out * hwo..][..g.c_out * hwo];
+            let cols = if g.is_pointwise() {
+                x
+            } else {
+                im2col(g, x, &mut cols);
+                &cols
+            };
+            // SAFETY: dy is [c_out, hwo], cols^T [hwo, kd], dw [c_out, kd].
+            unsafe {
+                matmul(
+                    g.c_out,
+                    kd,
+                    hwo,
+                    &mut dw,
+                    i > 0,
+                    Mat::rows(dy.as_ptr(), hwo),
+                    Mat::transposed(cols.as_ptr(), hwo),
+                )
+            };
+        }
+        dw
+    };
+    (0..g.b.div_ceil(c))
+        .into_par_iter()
+        .map(partial)
+        .reduce_with(|mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(a, b)| *a += *b);
+            a
+        })
+        .unwrap_or_else(|| vec![T::zero(); g.c_out * kd])
+}
+
+/// A contiguous slice of a CPU storage of dtype `T`.
+fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        bail!("the convolution kernel wants contiguous tensors")
+    };
+    Ok(&T::cpu_storage_as_slice(s)?[start..end])
+}
+
+/// Which of the three kernels an op runs; each is a `CustomOp2` over two contiguous tensors.
+#[derive(Clone, Copy, Debug)]
+enum Kernel {
+    /// `(x, w) -> y`
+    Forward,
+    /// `(dy, w) -> dx`, for an input of side `(h, w)`
+    InputGrad { h: usize, w: usize },
+    /// `(dy, x) -> dw`, for a kernel of side `k`
+    WeightGrad { k: usize },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct ConvOp {
+    kernel: Kernel,
+    stride: usize,
+    pad: usize,
+}
+
+impl ConvOp {
+    fn run<T: WithDType>(&self, a: &[T], la: &Layout, b: &[T], lb: &Layout) -> Result<(Vec<T>, Shape)> {
+        let (s, p) = (self.stride, self.pad);
+        Ok(match self.kernel {
+            Kernel::Forward => {
+                let g = Geom::new(la.dims(), lb.dims(), s, p)?;
+                (forward(&g, a, b), Shape::from((g.b, g.c_out, g.h_out, g.w_out)))
+            }
+            Kernel::InputGrad { h, w } => {
+                let (&[bs, _, _, _], &[c_out, c_in, k, _]) = (la.dims(), lb.dims()) else {
+                    bail!(
+                        "input gradient of a convolution: bad shapes {:?} {:?}",
+                        la.dims(),
+                        lb.dims()
+                    )
+                };
+                let g = Geom::new(&[bs, c_in, h, w], lb.dims(), s, p)?;
+                if la.dims() != [bs, c_out, g.h_out, g.w_out] || k != g.k {
+                    bail!("input gradient of a convolution: gradient {:?} for {g:?}", la.dims())
+                }
+                (input_grad(&g, a, b), Shape::from((bs, c_in, h, w)))
+            }
+            Kernel::WeightGrad { k } => {
+                let (&[bs, c_out, _, _], xd) = (la.dims(), lb.dims()) else {
+                    bail!("weight gradient of a convolution: bad shape {:?}", la.dims())
+                };
+                let g = Geom::new(xd, &[c_out, xd[1], k, k], s, p)?;
+                if la.dims() != [bs, c_out, g.h_out, g.w_out] {
+                    bail!("weight gradient of a convolution: gradient {:?} for {g:?}", la.dims())
+                }
+                (weight_grad(&g, a, b), Shape::from((c_out, g.c_in, k, k)))
+            }
+        })
+    }
+}
+
+impl CustomOp2 for ConvOp {
+    fn name(&self) -> &'static str {
+        match self.kernel {
+            Kernel::Forward => "awnet-conv2d",
+            Kernel::InputGrad { .. } => "awnet-conv2d-input-grad",
+            Kernel::WeightGrad { .. } => "awnet-conv2d-weight-grad",
+        }
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let (v, shape) = self.run::<f32>(slice(s1, l1)?, l1, slice(s2, l2)?, l2)?;
+                Ok((CpuStorage::F32(v), shape))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                let (v, shape) = self.run::<f64>(slice(s1, l1)?, l1, slice(s2, l2)?, l2)?;
+                Ok((CpuStorage::F64(v), shape))
+            }
+            _ => bail!("{}: f32 or f64 tensors of one dtype only", self.name()),
+        }
+    }
+
+    /// Each gradient only for an argument that needs one: frozen weights get none (attacks), and
+    /// neither do the raw images of a training batch.
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let op = |kernel| ConvOp { kernel, ..*self };
+        let dx = if x.track_op() {
+            let (_, _, h, wd) = x.dims4()?;
+            Some(dy.apply_op2_no_bwd(w, &op(Kernel::InputGrad { h, w: wd }))?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            let k = w.dim(3)?;
+            Some(dy.apply_op2_no_bwd(&x.contiguous()?, &op(Kernel::WeightGrad { k }))?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+/// `conv2d(xs, weight)` with square kernel, stride and padding: `[b, c_in, h, w]` and
+/// `[c_out, c_in, k, k]` to `[b, c_out, h', w']`. The project's kernels on the CPU for f32/f64,
+/// candle's elsewhere; the results agree to rounding.
+pub fn conv2d(xs: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    let ours = xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::F64) && xs.dtype() == weight.dtype();
+    if !ours {
+        return xs.conv2d(weight, padding, stride, 1, 1);
+    }
+    let op = ConvOp {
+        kernel: Kernel::Forward,
+        stride,
+        pad: padding,
+    };
+    xs.contiguous()?.apply_op2(&weight.contiguous()?, op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        // A deterministic, non-symmetric fill (candle's CPU RNG cannot be seeded).
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n)
+            .map(|i| ((i as u64 * 2654435761 + seed * 97) % 1000) as f64 / 500.0 - 1.0)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// `d/dt sum(conv(x + t e_i, w) * probe)` by a central difference: exact up to rounding,
+    /// since the convolution is linear in each argument.
+    fn fd_grad(f: &dyn Fn(&Tensor) -> f64, at: &Tensor) -> Vec<f64> {
+        let base = at.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        (0..base.len())
+            .map(|i| {
+                let mut v = base.clone();
+                v[i] += 0.5;
+                let up = f(&Tensor::from_vec(v.clone(), at.dims(), &Device::Cpu).unwrap());
+                v[i] -= 1.0;
+                let down = f(&Tensor::from_vec(v, at.dims(), &Device::Cpu).unwrap());
+                up - down
+            })
+            .collect()
+    }
+
+    /// The forward pass against candle's reference convolution, and both gradients against
+    /// exact differences, on many shapes, strides and paddings (f64, so an indexing error shows
+    /// far above rounding). candle's own backward cannot be the reference: it returns an input
+    /// gradient of the wrong shape whenever the stride does not divide the padded extent.
+    #[test]
+    fn agrees_with_references_on_many_shapes() {
+        let cases = [
+            // (b, c_in, h, w, c_out, k, stride, pad)
+            (2, 1, 5, 5, 3, 3, 1, 1),
+            (3, 2, 7, 6, 4, 3, 2, 1),
+            (1, 3, 8, 8, 2, 1, 2, 0),
+            (2, 4, 6, 6, 5, 1, 1, 0),
+            (2, 2, 9, 9, 3, 5, 1, 2),
+            (5, 3, 4, 4, 2, 3, 1, 0),
+            (1, 2, 10, 7, 3, 3, 3, 2),
+            (9, 1, 3, 3, 1, 3, 1, 1),
+        ];
+        for (i, &(b, ci, h, w, co, k, s, p)) in cases.iter().enumerate() {
+            let x = Var::from_tensor(&rand(&[b, ci, h, w], i as u64)).unwrap();
+            let wt = Var::from_tensor(&rand(&[co, ci, k, k], 100 + i as u64)).unwrap();
+            let probe = rand(&[b, co, (h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1], 7);
+            let ours = conv2d(&x, &wt, s, p).unwrap();
+            let theirs = x.conv2d(&wt, p, s, 1, 1).unwrap();
+            assert_eq!(ours.dims(), theirs.dims(), "case {i}");
+            assert!(max_diff(&ours, &theirs) < 1e-12, "forward, case {i}");
+            let grads = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let objective = |x: &Tensor, w: &Tensor| -> f64 {
+                let y = conv2d(x, w, s, p).unwrap();
+                (y * &probe).unwrap().sum_all().unwrap().to_scalar().unwrap()
+            };
+            let wd = wt.as_detached_tensor();
+            let xd = x.as_detached_tensor();
+            for (what, v, reference) in [
+                ("input", x.as_tensor(), fd_grad(&|t| objective(t, &wd), &xd)),
+                ("weight", wt.as_tensor(), fd_grad(&|t| objective(&xd, t), &wd)),
+            ] {
+                let got = grads.get(v).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                let d = got
+                    .iter()
+                    .zip(&reference)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f64::max);
+                assert!(d < 1e-9, "{what} gradient, case {i}: {d}");
+            }
+        }
+    }
+
+    /// Frozen weights get no gradient computed, and raw inputs none either.
+    #[test]
+    fn computes_only_the_gradients_that_are_needed() {
+        let x = Var::from_tensor(&rand(&[2, 2, 5, 5], 1)).unwrap();
+        let w = rand(&[3, 2, 3, 3], 2);
+        let g = conv2d(&x, &w, 1, 1).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(x.as_tensor()).is_some());
+        assert!(g.get(&w).is_none());
+        let w = Var::from_tensor(&w).unwrap();
+        let x = rand(&[2, 2, 5, 5], 1);
+        let g = conv2d(&x, &w, 1, 1).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(w.as_tensor()).is_some());
+        assert!(g.get(&x).is_none());
+    }
+
+    #[test]
+    fn f32_matches_f64() {
+        let x = rand(&[4, 3, 9, 9], 3);
+        let w = rand(&[6, 3, 3, 3], 4);
+        let a = conv2d(&x, &w, 1, 1).unwrap();
+        let b = conv2d(&x.to_dtype(DType::F32).unwrap(), &w.to_dtype(DType::F32).unwrap(), 1, 1)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        assert!(max_diff(&a, &b) < 1e-5);
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let x = rand(&[1, 2, 2, 2], 0);
+        assert!(conv2d(&x, &rand(&[1, 2, 5, 5], 0), 1, 0).is_err());
+        assert!(conv2d(&x, &rand(&[1, 3, 1, 1], 0), 1, 0).is_err());
+    }
+}
