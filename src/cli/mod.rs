@@ -304,16 +304,7 @@ pub fn emit(text: &str) -> Result<()> {
 
 /// Opens a model file of either kind, by its extension.
 pub fn open_model(path: &Path) -> Result<Model> {
-    let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
-    let model = match ext.as_deref() {
-        Some("pt" | "pth") => pytorch::import_pth(path, None)?,
-        Some("safetensors") => checkpoint::load(path)?,
-        _ => bail!(
-            "{}: unknown model file type (expected .safetensors, .pt or .pth)",
-            path.display()
-        ),
-    };
-    Ok(model)
+    Ok(checkpoint::open(path)?)
 }
 
 fn data(a: &DataArgs) -> Result<()> {

@@ -3,13 +3,11 @@
 use std::io::{IsTerminal, Write as _};
 
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device};
 
-use super::{TrainArgs, emit, open_model};
-use crate::data::{Augment, Split};
-use crate::model::{Model, ModelConfig, Network, checkpoint};
+use super::{TrainArgs, emit};
+use crate::data::Augment;
 use crate::observe::{Observer, Outcome, Progress, StopFlag};
-use crate::train::{self, Run, Schedule, TrainConfig, TrainEvent, TrainObserver};
+use crate::train::{self, Schedule, TrainConfig, TrainEvent, TrainObserver};
 
 /// Progress bar on a terminal, a line per epoch always, the JSON-lines log, and Ctrl-C.
 struct Terminal {
@@ -129,50 +127,9 @@ fn schedule(s: &str) -> Result<Schedule> {
     })
 }
 
-fn teacher(path: &Option<String>, student: &ModelConfig) -> Result<Option<(Model, Network)>> {
-    let Some(p) = path else { return Ok(None) };
-    let m = open_model(std::path::Path::new(p))?;
-    if (m.config.in_channels, m.config.image_size, m.config.num_classes)
-        != (student.in_channels, student.image_size, student.num_classes)
-    {
-        bail!(
-            "teacher {p} takes {}x{}x{} images and {} classes; the student {}x{}x{} and {}",
-            m.config.in_channels,
-            m.config.image_size,
-            m.config.image_size,
-            m.config.num_classes,
-            student.in_channels,
-            student.image_size,
-            student.image_size,
-            student.num_classes
-        );
-    }
-    let net = m.frozen()?;
-    Ok(Some((m, net)))
-}
-
 pub fn run(a: &TrainArgs) -> Result<()> {
-    let (mut model, config, state) = if a.resume {
-        if !a.out.is_file() {
-            bail!("--resume: {} does not exist yet", a.out.display());
-        }
-        let (model, state) = checkpoint::load_with_state(&a.out)?;
-        let state = state.with_context(|| {
-            format!(
-                "{} holds no training state to resume (a finished or imported model?)",
-                a.out.display()
-            )
-        })?;
-        let mut config: TrainConfig = serde_json::from_value(
-            model
-                .meta
-                .training
-                .clone()
-                .context("the model records no training settings")?,
-        )
-        .context("unreadable training settings in the model file")?;
-        config.epochs = a.epochs;
-        (model, config, Some(state))
+    let mut prepared = if a.resume {
+        train::setup::resume_run(&a.out, Some(a.epochs))?
     } else {
         let eps = match &a.eps {
             Some(e) => crate::attack::parse_eps(e).map_err(anyhow::Error::msg)?,
@@ -197,32 +154,9 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         }
         c.teacher_clean = a.teacher_clean.as_ref().map(|p| p.display().to_string());
         c.teacher_robust = a.teacher_robust.as_ref().map(|p| p.display().to_string());
-        let ds =
-            crate::data::load(&c.data, Split::Test, None).context("the dataset fixes the model's input and classes")?;
-        let mut mc = ModelConfig::new(a.arch, a.method.model_kind(), ds.channels, ds.height, ds.num_classes());
-        mc.class_names = ds.class_names.clone();
-        if let Some(w) = a.width {
-            mc.width = w;
-        }
-        (Model::new(mc, a.seed, DType::F32, &Device::Cpu)?, c, None)
+        train::setup::new_run(c, a.arch, a.width, &a.out)?
     };
-    let full = crate::data::load(
-        &config.data,
-        Split::Train,
-        Some((model.config.in_channels, model.config.image_size)),
-    )?;
-    eprintln!("data: {}", full.describe());
-    let (train_part, held_out) = train::split_holdout(&full, config.holdout)?;
-    let clean_t = teacher(&config.teacher_clean, &model.config)?;
-    let robust_t = teacher(&config.teacher_robust, &model.config)?;
-    let teachers = clean_t.as_ref().zip(robust_t.as_ref()).map(|((_, c), (_, r))| (c, r));
-    let run = Run {
-        config,
-        train: &train_part,
-        monitor: &held_out,
-        teachers,
-        out: a.out.clone(),
-    };
+    eprintln!("data: {}", prepared.data_description);
     let stop = StopFlag::default();
     let handler_flag = stop.clone();
     // Ctrl-C asks the loop to stop at the next step; it then writes a checkpoint and returns.
@@ -243,7 +177,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         stop,
         log_error: None,
     };
-    let outcome = train::train(&mut model, &run, state, &mut obs)?;
+    let outcome = prepared.train(&mut obs)?;
     if let Some(e) = obs.log_error {
         bail!("training finished, but the log could not be written: {e}");
     }

@@ -285,3 +285,17 @@ pub fn assign(
     }
     Ok(())
 }
+
+/// Opens any model file this program reads: its own `.safetensors`, or a PyTorch state dict
+/// (`.pt`/`.pth`) of a CIFAR ResNet-18, imported as a static model.
+pub fn open(path: &Path) -> Result<Model, CheckpointError> {
+    let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        Some("pt" | "pth") => super::pytorch::import_pth(path, None),
+        Some("safetensors") => load(path),
+        _ => Err(CheckpointError::format(
+            path,
+            "unknown model file type (expected .safetensors, .pt or .pth)",
+        )),
+    }
+}

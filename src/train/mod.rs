@@ -7,6 +7,7 @@
 //! infinite ends the run with an error and leaves the last checkpoint as it was.
 
 pub mod optim;
+pub mod setup;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -46,6 +47,8 @@ pub enum TrainError {
     Model(#[from] crate::model::ModelError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
 }
 
 type Result<T> = std::result::Result<T, TrainError>;
