@@ -10,6 +10,7 @@ pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod fsutil;
+pub mod gui;
 pub mod model;
 pub mod observe;
 pub mod train;

@@ -46,6 +46,21 @@ pub enum Command {
     Attack(AttackArgs),
     /// Train a model: standard, PGD-AT, TRADES, or AW-Net (distilled, or teacher-free).
     Train(TrainArgs),
+    /// Open the window (what `awnet` with no command does).
+    Gui(GuiArgs),
+}
+
+#[derive(Args, Debug, Default)]
+pub struct GuiArgs {
+    /// Write a screenshot of the window once the tab's content is computed, then exit.
+    #[arg(long)]
+    pub screenshot: Option<PathBuf>,
+    /// The tab to open on.
+    #[arg(long, value_enum)]
+    pub tab: Option<crate::gui::Tab>,
+    /// Models to open (repeatable); the bundled models in models/ when none is given.
+    #[arg(long)]
+    pub model: Vec<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -283,6 +298,11 @@ pub fn run(command: Command) -> Result<()> {
         Command::Eval(a) => eval::run_eval(&a),
         Command::Train(a) => train::run(&a),
         Command::Attack(a) => eval::run_attack(&a),
+        Command::Gui(a) => crate::gui::run(crate::gui::StartOptions {
+            models: a.model,
+            tab: a.tab,
+            screenshot: a.screenshot,
+        }),
         Command::Import(a) => {
             let mut o = String::new();
             let model = pytorch::import_pth(&a.input, Some(a.image_size))?;

@@ -5,6 +5,7 @@ mod cli;
 mod common;
 mod data;
 mod eval;
+mod gui;
 mod malformed;
 mod model;
 mod pytorch;

@@ -1,0 +1,701 @@
+//! The application state and its frame: menu and tabs on top, open models and data on the
+//! left, the tab in the middle, status at the bottom, notifications in the corner.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::time::Instant;
+
+use egui::{Key, KeyboardShortcut, Modifiers, Ui};
+use serde::{Deserialize, Serialize};
+
+use super::Command;
+use super::train_tab::{self, TrainForm, TrainHistory, TrainView};
+use super::worker::{self, Event, ModelSummary, PickPurpose, TrainWorker, Waker};
+use crate::train::TrainEvent;
+
+pub const SETTINGS_KEY: &str = "awnet-lab-settings";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum Tab {
+    Train,
+    Filters,
+    Router,
+    AttackLab,
+    TradeOff,
+}
+
+impl Tab {
+    pub const ALL: [Tab; 5] = [Tab::Train, Tab::Filters, Tab::Router, Tab::AttackLab, Tab::TradeOff];
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Tab::Train => "Train",
+            Tab::Filters => "Filters",
+            Tab::Router => "Router",
+            Tab::AttackLab => "Attack lab",
+            Tab::TradeOff => "Trade-off",
+        }
+    }
+}
+
+/// What survives a restart.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    pub dark: bool,
+    pub recent_models: Vec<PathBuf>,
+    pub data: String,
+    pub train: TrainForm,
+    pub tab: Tab,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            dark: true,
+            recent_models: Vec::new(),
+            data: "fashion-mnist".into(),
+            train: TrainForm::default(),
+            tab: Tab::Train,
+        }
+    }
+}
+
+/// How the window starts.
+#[derive(Clone, Debug, Default)]
+pub struct StartOptions {
+    /// Models to open; the bundled ones when empty.
+    pub models: Vec<PathBuf>,
+    pub tab: Option<Tab>,
+    /// Write a screenshot here once the content is computed, then close.
+    pub screenshot: Option<PathBuf>,
+}
+
+/// The bundled trained models in `models/`.
+pub fn bundled_models() -> Vec<PathBuf> {
+    let dir = crate::data::resolve::assets_dir().with_file_name("models");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+}
+
+#[derive(Clone, Debug)]
+pub struct Notification {
+    pub id: u64,
+    pub text: String,
+    pub error: bool,
+}
+
+struct Screenshot {
+    path: PathBuf,
+    calm_frames: u32,
+    requested: bool,
+}
+
+pub struct App {
+    pub settings: Settings,
+    pub models: Vec<ModelSummary>,
+    pub selected: Option<usize>,
+    pub notifications: Vec<Notification>,
+    /// The run of this session, if one was started.
+    pub run: Option<TrainHistory>,
+    /// Data set description, once resolved.
+    pub data_description: Option<String>,
+    /// Commands are recorded in `sent` instead of executed (tests).
+    pub dry_run: bool,
+    pub sent: Vec<Command>,
+    outbox: Vec<Command>,
+    pending_jobs: usize,
+    /// Between a run's `Started` event and its end.
+    live: bool,
+    next_id: u64,
+    tx: Sender<Event>,
+    rx: Receiver<Event>,
+    waker: Waker,
+    worker: Option<TrainWorker>,
+    screenshot: Option<Screenshot>,
+    frame_ms: VecDeque<f32>,
+}
+
+impl App {
+    pub fn new(options: StartOptions, stored: Option<Settings>, ctx: Option<egui::Context>) -> Self {
+        let (tx, rx) = channel();
+        let mut settings = stored.unwrap_or_default();
+        if let Some(t) = options.tab {
+            settings.tab = t;
+        }
+        let mut app = Self {
+            settings,
+            models: Vec::new(),
+            selected: None,
+            notifications: Vec::new(),
+            run: None,
+            data_description: None,
+            dry_run: false,
+            sent: Vec::new(),
+            outbox: Vec::new(),
+            pending_jobs: 0,
+            live: false,
+            next_id: 0,
+            tx,
+            rx,
+            waker: Waker(ctx),
+            worker: None,
+            screenshot: options.screenshot.map(|path| Screenshot {
+                path,
+                calm_frames: 0,
+                requested: false,
+            }),
+            frame_ms: VecDeque::new(),
+        };
+        let models = if options.models.is_empty() {
+            bundled_models()
+        } else {
+            options.models
+        };
+        app.outbox.extend(models.into_iter().map(Command::OpenModel));
+        app.outbox.push(Command::SetData(app.settings.data.clone()));
+        app
+    }
+
+    /// A copy of the app that records commands instead of running them (tests).
+    pub fn dry(options: StartOptions) -> Self {
+        let mut app = Self::new(options, None, None);
+        app.dry_run = true;
+        app
+    }
+
+    /// Feeds an event as if a worker had sent it (tests).
+    pub fn inject(&mut self, event: Event) {
+        let _ = self.tx.send(event);
+    }
+
+    /// A run is going: its thread exists, or its events say it started and has not ended.
+    pub fn is_training(&self) -> bool {
+        self.worker.is_some() || self.live
+    }
+
+    pub fn notify(&mut self, text: impl Into<String>, error: bool) {
+        self.next_id += 1;
+        self.notifications.push(Notification {
+            id: self.next_id,
+            text: text.into(),
+            error,
+        });
+    }
+
+    /// Draws the whole window into `ui`.
+    pub fn show(&mut self, ui: &mut Ui) {
+        let started = Instant::now();
+        while let Ok(e) = self.rx.try_recv() {
+            self.handle(e);
+        }
+        if self.worker.as_ref().is_some_and(TrainWorker::is_finished) {
+            self.worker = None; // already finished: dropping joins at once
+        }
+        ui.ctx().set_theme(if self.settings.dark {
+            egui::Theme::Dark
+        } else {
+            egui::Theme::Light
+        });
+        self.shortcuts(ui);
+        let dropped: Vec<PathBuf> = ui
+            .ctx()
+            .input(|i| i.raw.dropped_files.iter().map(|f| f.path().to_path_buf()).collect());
+        self.outbox.extend(dropped.into_iter().map(Command::OpenModel));
+
+        egui::Panel::top("top").show(ui, |ui| self.top_bar(ui));
+        egui::Panel::bottom("status").show(ui, |ui| self.status_bar(ui));
+        egui::Panel::left("models")
+            .resizable(true)
+            .default_size(250.0)
+            .show(ui, |ui| self.side_panel(ui));
+        egui::CentralPanel::default().show(ui, |ui| self.tab(ui));
+        self.show_notifications(ui);
+
+        for c in std::mem::take(&mut self.outbox) {
+            if self.dry_run {
+                self.sent.push(c);
+            } else {
+                self.execute(c);
+            }
+        }
+        self.screenshot_step(ui.ctx());
+        if self.frame_ms.len() == 120 {
+            self.frame_ms.pop_front();
+        }
+        self.frame_ms.push_back(started.elapsed().as_secs_f32() * 1000.0);
+    }
+
+    fn shortcuts(&mut self, ui: &Ui) {
+        let open = KeyboardShortcut::new(Modifiers::COMMAND, Key::O);
+        let start = KeyboardShortcut::new(Modifiers::COMMAND, Key::Enter);
+        let theme = KeyboardShortcut::new(Modifiers::COMMAND | Modifiers::SHIFT, Key::D);
+        let tabs = [Key::Num1, Key::Num2, Key::Num3, Key::Num4, Key::Num5];
+        ui.ctx().input_mut(|i| {
+            if i.consume_shortcut(&open) {
+                self.outbox.push(Command::Pick(PickPurpose::OpenModel));
+            }
+            if i.consume_shortcut(&start) && !self.is_training() {
+                self.outbox
+                    .push(train_tab::start_command(&self.settings.train, &self.settings.data));
+            }
+            if i.consume_key(Modifiers::NONE, Key::Escape) && self.is_training() {
+                self.outbox.push(Command::StopTraining);
+            }
+            if i.consume_shortcut(&theme) {
+                self.settings.dark = !self.settings.dark;
+            }
+            for (k, t) in tabs.iter().zip(Tab::ALL) {
+                if i.consume_shortcut(&KeyboardShortcut::new(Modifiers::COMMAND, *k)) {
+                    self.settings.tab = t;
+                }
+            }
+        });
+    }
+
+    fn top_bar(&mut self, ui: &mut Ui) {
+        ui.horizontal(|ui| {
+            ui.menu_button("File", |ui| {
+                if ui.button("Open model…  (Ctrl+O)").clicked() {
+                    self.outbox.push(Command::Pick(PickPurpose::OpenModel));
+                }
+                ui.menu_button("Open recent", |ui| {
+                    if self.settings.recent_models.is_empty() {
+                        ui.label("nothing yet");
+                    }
+                    for p in self.settings.recent_models.clone() {
+                        if ui.button(p.display().to_string()).clicked() {
+                            self.outbox.push(Command::OpenModel(p));
+                        }
+                    }
+                });
+            });
+            ui.menu_button("View", |ui| {
+                if ui
+                    .button(if self.settings.dark {
+                        "Light theme"
+                    } else {
+                        "Dark theme"
+                    })
+                    .on_hover_text("Ctrl+Shift+D")
+                    .clicked()
+                {
+                    self.settings.dark = !self.settings.dark;
+                }
+            });
+            ui.separator();
+            for (i, t) in Tab::ALL.into_iter().enumerate() {
+                ui.selectable_value(&mut self.settings.tab, t, t.title())
+                    .on_hover_text(format!("Ctrl+{}", i + 1));
+            }
+        });
+    }
+
+    fn status_bar(&mut self, ui: &mut Ui) {
+        ui.horizontal(|ui| {
+            match (self.is_training(), &self.run) {
+                (true, Some(r)) => {
+                    let s = r.steps.last();
+                    ui.spinner();
+                    ui.label(match s {
+                        Some(s) => format!(
+                            "training: epoch {}, step {}/{}, {:.0} img/s",
+                            s.epoch + 1,
+                            s.step + 1,
+                            s.steps_per_epoch,
+                            s.images_per_second
+                        ),
+                        None => "training: preparing data and model…".into(),
+                    });
+                }
+                _ => {
+                    ui.label("idle");
+                }
+            }
+            if self.pending_jobs > 0 {
+                ui.separator();
+                ui.spinner();
+                ui.label(format!("{} background job(s)", self.pending_jobs));
+            }
+            ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+                if let Some(max) = self.frame_ms.iter().copied().reduce(f32::max) {
+                    let mean = self.frame_ms.iter().sum::<f32>() / self.frame_ms.len() as f32;
+                    ui.label(format!("UI frame {mean:.2} ms (max {max:.1})"))
+                        .on_hover_text("Time spent building the UI per frame, over the last 120 frames");
+                }
+            });
+        });
+    }
+
+    fn side_panel(&mut self, ui: &mut Ui) {
+        ui.heading("Models");
+        if self.models.is_empty() {
+            ui.label("No model open. File › Open, or drop a .safetensors, .pt or .pth file here.");
+        }
+        let mut close = None;
+        for (i, m) in self.models.iter().enumerate() {
+            ui.horizontal(|ui| {
+                let sel = ui
+                    .selectable_label(self.selected == Some(i), &m.name)
+                    .on_hover_text(format!(
+                        "{}\n{}\n{} parameters",
+                        m.path.display(),
+                        m.description,
+                        m.parameters
+                    ));
+                if sel.clicked() {
+                    self.selected = Some(i);
+                }
+                if ui.small_button("x").on_hover_text("Close this model").clicked() {
+                    close = Some(i);
+                }
+            });
+        }
+        if let Some(i) = close {
+            self.outbox.push(Command::CloseModel(i));
+        }
+        if ui.button("Open model…").on_hover_text("Ctrl+O").clicked() {
+            self.outbox.push(Command::Pick(PickPurpose::OpenModel));
+        }
+        ui.separator();
+        ui.heading("Data");
+        let mut data = self.settings.data.clone();
+        egui::ComboBox::from_id_salt("data")
+            .selected_text(&data)
+            .show_ui(ui, |ui| {
+                for name in ["fashion-mnist", "mnist", "cifar10", "cifar100"] {
+                    ui.selectable_value(&mut data, name.to_string(), name);
+                }
+            })
+            .response
+            .on_hover_text("By name: $AWNET_DATA, then Debian's package, then the bundled subset");
+        if data != self.settings.data {
+            self.outbox.push(Command::SetData(data));
+        }
+        if ui
+            .button("Folder…")
+            .on_hover_text("idx, CIFAR binary, or one subfolder of pictures per class")
+            .clicked()
+        {
+            self.outbox.push(Command::Pick(PickPurpose::DataFolder));
+        }
+        ui.label(self.data_description.as_deref().unwrap_or("resolving…"));
+    }
+
+    fn tab(&mut self, ui: &mut Ui) {
+        match self.settings.tab {
+            Tab::Train => {
+                let running = self.is_training();
+                let record;
+                let history = match (&self.run, self.selected.and_then(|i| self.models.get(i))) {
+                    (Some(r), _) => r,
+                    (None, Some(m)) => {
+                        record = TrainHistory::from_model(m);
+                        &record
+                    }
+                    (None, None) => {
+                        record = TrainHistory::default();
+                        &record
+                    }
+                };
+                train_tab::show(
+                    ui,
+                    TrainView {
+                        form: &mut self.settings.train,
+                        history,
+                        running,
+                        data: &self.settings.data,
+                        models: &self.models,
+                    },
+                    &mut self.outbox,
+                );
+            }
+            Tab::TradeOff => {
+                ui.heading("Clean vs robust accuracy of the open models");
+                ui.label("Each model's latest held-out record (its label below); the dashed lines have equal W-Robust = (clean + robust) / 2.");
+                for m in &self.models {
+                    match m.trade_off_point() {
+                        Some((c, r, label)) => ui.label(format!(
+                            "{}: clean {:.2}%, robust {:.2}%, W-Robust {:.2}%, robust under {label}",
+                            m.name,
+                            100.0 * c,
+                            100.0 * r,
+                            50.0 * (c + r)
+                        )),
+                        None => ui.label(format!("{}: no record in the file", m.name)),
+                    };
+                }
+                let epochs = self.run.as_ref().map(|r| r.epochs.clone()).unwrap_or_default();
+                train_tab::trade_off_plot(ui, "tab_trade_off", &epochs, &self.models);
+            }
+            t => {
+                ui.heading(t.title());
+                ui.label(match t {
+                    Tab::Filters => "Weight distributions and kernels per layer: not built yet (issue 6).",
+                    Tab::Router => "The router's signals for clean vs adversarial inputs: not built yet (issue 6).",
+                    _ => "Interactive attacks on one image: not built yet (issue 7); `awnet attack` does it from the command line.",
+                });
+            }
+        }
+    }
+
+    fn show_notifications(&mut self, ui: &mut Ui) {
+        if self.notifications.is_empty() {
+            return;
+        }
+        let mut dismiss = None;
+        egui::Area::new(egui::Id::unique("notifications"))
+            .anchor(egui::Align2::RIGHT_BOTTOM, [-12.0, -36.0])
+            .show(ui.ctx(), |ui| {
+                ui.set_max_width(420.0);
+                for n in self.notifications.iter().rev().take(5) {
+                    egui::Frame::popup(ui.style()).show(ui, |ui| {
+                        ui.horizontal(|ui| {
+                            let colour = if n.error {
+                                ui.visuals().error_fg_color
+                            } else {
+                                ui.visuals().text_color()
+                            };
+                            ui.colored_label(colour, &n.text);
+                            if ui.small_button("x").on_hover_text("Dismiss").clicked() {
+                                dismiss = Some(n.id);
+                            }
+                        });
+                    });
+                }
+            });
+        if let Some(id) = dismiss {
+            self.notifications.retain(|n| n.id != id);
+        }
+    }
+
+    fn handle(&mut self, e: Event) {
+        match e {
+            Event::Train(t) => {
+                let run = self.run.get_or_insert_with(TrainHistory::default);
+                if matches!(t, TrainEvent::Started { .. }) {
+                    self.live = true;
+                }
+                if let TrainEvent::Checkpoint { path, epoch, step } = &t {
+                    let text = format!(
+                        "checkpoint written: {} (epoch {}, step {step})",
+                        path.display(),
+                        epoch + 1
+                    );
+                    self.notify(text, false);
+                } else {
+                    run.apply(&t);
+                }
+            }
+            Event::Progress(p) => {
+                if let Some(r) = &mut self.run {
+                    r.progress = Some(p);
+                }
+            }
+            Event::TrainEnded { out, cancelled } => {
+                self.live = false;
+                self.notify(
+                    if cancelled {
+                        format!(
+                            "training stopped; checkpoint in {} (Resume continues it)",
+                            out.display()
+                        )
+                    } else {
+                        format!("training finished: {}", out.display())
+                    },
+                    false,
+                );
+                if let Some(r) = &mut self.run {
+                    r.progress = None;
+                }
+                self.outbox.push(Command::OpenModel(out));
+            }
+            Event::ModelLoaded(m) => {
+                self.pending_jobs = self.pending_jobs.saturating_sub(1);
+                self.settings.recent_models.retain(|p| p != &m.path);
+                self.settings.recent_models.insert(0, m.path.clone());
+                self.settings.recent_models.truncate(10);
+                match self.models.iter().position(|x| x.path == m.path) {
+                    Some(i) => self.models[i] = *m,
+                    None => self.models.push(*m),
+                }
+                self.selected.get_or_insert(self.models.len() - 1);
+            }
+            Event::TrainFailed(text) => {
+                self.live = false;
+                if let Some(r) = &mut self.run {
+                    r.progress = None;
+                }
+                self.notify(text, true);
+            }
+            Event::Error(text) => {
+                self.pending_jobs = self.pending_jobs.saturating_sub(1);
+                self.notify(text, true);
+            }
+            Event::Picked(purpose, path) => {
+                let Some(path) = path else { return };
+                let text = path.display().to_string();
+                match purpose {
+                    PickPurpose::OpenModel => self.outbox.push(Command::OpenModel(path)),
+                    PickPurpose::TeacherClean => self.settings.train.teacher_clean = text,
+                    PickPurpose::TeacherRobust => self.settings.train.teacher_robust = text,
+                    PickPurpose::TrainOutput => self.settings.train.out = text,
+                    PickPurpose::DataFolder => self.outbox.push(Command::SetData(text)),
+                }
+            }
+            Event::DataDescribed(d) => {
+                self.pending_jobs = self.pending_jobs.saturating_sub(1);
+                self.data_description = Some(d);
+            }
+            Event::ScreenshotSaved(r) => match r {
+                Ok(p) => {
+                    eprintln!("screenshot written: {}", p.display());
+                    if let Some(ctx) = &self.waker.0 {
+                        ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    self.notify(e, true);
+                    self.screenshot = None;
+                }
+            },
+        }
+    }
+
+    /// The one place commands take effect.
+    pub fn execute(&mut self, c: Command) {
+        let (tx, waker) = (self.tx.clone(), self.waker.clone());
+        match c {
+            Command::StartTraining(request) => {
+                if self.worker.is_some() {
+                    self.notify("a run is already going; stop it first", true);
+                    return;
+                }
+                let mut history = TrainHistory {
+                    title: format!("run: {}", request.out().display()),
+                    ..TrainHistory::default()
+                };
+                if let worker::TrainRequest::New { config, .. } = &request {
+                    history.batch_size = config.batch_size;
+                } else {
+                    history.batch_size = self.settings.train.batch_size;
+                }
+                match TrainWorker::spawn(request, tx, waker) {
+                    Ok(w) => {
+                        self.worker = Some(w);
+                        self.run = Some(history);
+                    }
+                    Err(e) => self.notify(format!("cannot start the training thread: {e}"), true),
+                }
+            }
+            Command::StopTraining => {
+                if let Some(w) = &self.worker {
+                    w.stop();
+                }
+            }
+            Command::OpenModel(path) => {
+                self.pending_jobs += 1;
+                worker::spawn_job("awnet-open-model", tx, waker, move || match worker::summarise(&path) {
+                    Ok(m) => Event::ModelLoaded(Box::new(m)),
+                    Err(e) => Event::Error(format!("cannot open the model: {e}")),
+                });
+            }
+            Command::CloseModel(i) => {
+                if i < self.models.len() {
+                    self.models.remove(i);
+                    self.selected =
+                        (!self.models.is_empty()).then(|| self.selected.unwrap_or(0).min(self.models.len() - 1));
+                }
+            }
+            Command::Pick(purpose) => {
+                worker::spawn_job("awnet-file-dialog", tx, waker, move || {
+                    let dialog = rfd::FileDialog::new();
+                    let path = match purpose {
+                        PickPurpose::OpenModel | PickPurpose::TeacherClean | PickPurpose::TeacherRobust => {
+                            dialog.add_filter("model", &["safetensors", "pt", "pth"]).pick_file()
+                        }
+                        PickPurpose::TrainOutput => dialog
+                            .add_filter("model", &["safetensors"])
+                            .set_file_name("run.safetensors")
+                            .save_file(),
+                        PickPurpose::DataFolder => dialog.pick_folder(),
+                    };
+                    Event::Picked(purpose, path)
+                });
+            }
+            Command::SetData(name) => {
+                self.settings.data = name.clone();
+                self.data_description = None;
+                self.pending_jobs += 1;
+                worker::spawn_job("awnet-data", tx, waker, move || {
+                    match crate::data::load(&name, crate::data::Split::Train, None) {
+                        Ok(ds) => Event::DataDescribed(ds.describe()),
+                        Err(e) => Event::Error(format!("cannot use the data '{name}': {}", worker::chain(&e))),
+                    }
+                });
+            }
+            Command::Notify(text) => self.notify(text, true),
+        }
+    }
+
+    fn screenshot_step(&mut self, ctx: &egui::Context) {
+        let Some(s) = &mut self.screenshot else { return };
+        ctx.request_repaint();
+        if s.requested {
+            return;
+        }
+        // The content is computed when no job is pending; a few calm frames let layout settle.
+        if self.pending_jobs == 0 && self.outbox.is_empty() {
+            s.calm_frames += 1;
+        } else {
+            s.calm_frames = 0;
+        }
+        if s.calm_frames < 10 {
+            return;
+        }
+        s.requested = true;
+        let (path, tx, waker) = (s.path.clone(), self.tx.clone(), self.waker.clone());
+        ctx.request_screenshot(move |img| {
+            let [w, h] = img.size;
+            let bytes: Vec<u8> = img.pixels.iter().flat_map(|c| c.to_array()).collect();
+            let saved = image::RgbaImage::from_raw(w as u32, h as u32, bytes)
+                .ok_or_else(|| "the screenshot has the wrong size".to_string())
+                .and_then(|im| {
+                    let mut png = std::io::Cursor::new(Vec::new());
+                    im.write_to(&mut png, image::ImageFormat::Png)
+                        .map_err(|e| format!("cannot encode the screenshot: {e}"))?;
+                    crate::fsutil::write_atomic(&path, png.get_ref())
+                        .map_err(|e| format!("cannot write the screenshot {}: {e}", path.display()))
+                })
+                .map(|()| path.clone());
+            worker::send(&tx, &waker, Event::ScreenshotSaved(saved));
+        });
+    }
+}
+
+impl eframe::App for App {
+    fn ui(&mut self, ui: &mut Ui, _frame: &mut eframe::Frame) {
+        self.show(ui);
+        if self.worker.is_some() {
+            ui.ctx().request_repaint_after(std::time::Duration::from_millis(250));
+        }
+    }
+
+    fn save(&mut self, storage: &mut dyn eframe::Storage) {
+        eframe::set_value(storage, SETTINGS_KEY, &self.settings);
+    }
+
+    fn on_exit(&mut self, _gl: Option<&eframe::glow::Context>) {
+        // Stops the run at its next step (it writes its checkpoint) and joins the thread.
+        self.worker = None;
+    }
+}

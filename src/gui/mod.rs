@@ -1,0 +1,48 @@
+//! The window: an eframe shell around [`App`], whose `show` draws everything into one `Ui` so
+//! that tests drive it headless with `egui_kittest`.
+//!
+//! Workers (training, model loading, file dialogs) send [`worker::Event`]s; the tabs emit
+//! [`Command`]s, handled in one place ([`App::execute`]).
+
+pub mod app;
+pub mod train_tab;
+pub mod worker;
+
+use std::path::PathBuf;
+
+pub use app::{App, Settings, StartOptions, Tab};
+use worker::{PickPurpose, TrainRequest};
+
+/// Everything the window can be asked to do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    StartTraining(TrainRequest),
+    StopTraining,
+    OpenModel(PathBuf),
+    CloseModel(usize),
+    Pick(PickPurpose),
+    SetData(String),
+    /// Show a message to the user.
+    Notify(String),
+}
+
+/// Opens the window and runs until it is closed.
+pub fn run(options: StartOptions) -> anyhow::Result<()> {
+    let native = eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default()
+            .with_inner_size([1280.0, 800.0])
+            .with_min_inner_size([800.0, 500.0])
+            .with_title("AW-Net Lab")
+            .with_drag_and_drop(true),
+        ..Default::default()
+    };
+    eframe::run_native(
+        "AW-Net Lab",
+        native,
+        Box::new(move |cc| {
+            let stored: Option<Settings> = cc.storage.and_then(|s| eframe::get_value(s, app::SETTINGS_KEY));
+            Ok(Box::new(App::new(options, stored, Some(cc.egui_ctx.clone()))))
+        }),
+    )
+    .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))
+}

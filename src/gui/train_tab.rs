@@ -1,0 +1,455 @@
+//! The Train tab: the run's settings, Start / Stop / Resume, and live plots of the run.
+
+use std::path::PathBuf;
+
+use egui::{Color32, Ui};
+use egui_plot::{Legend, Line, LineStyle, MarkerShape, Plot, PlotPoints, Points};
+use serde::{Deserialize, Serialize};
+
+use super::Command;
+use super::worker::{ModelSummary, PickPurpose, TrainRequest};
+use crate::model::Arch;
+use crate::observe::Progress;
+use crate::train::{EpochReport, Method, OptimizerKind, Schedule, StepReport, TrainConfig, TrainEvent};
+
+/// The settings form; persisted between sessions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainForm {
+    pub method: Method,
+    pub arch: Arch,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub eps: String,
+    pub lr: f64,
+    pub schedule: ScheduleChoice,
+    pub optimizer: OptimizerKind,
+    pub seed: u64,
+    pub teacher_clean: String,
+    pub teacher_robust: String,
+    pub out: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ScheduleChoice {
+    Cosine,
+    Step,
+    Constant,
+}
+
+impl Default for TrainForm {
+    fn default() -> Self {
+        Self {
+            method: Method::Standard,
+            arch: Arch::SmallCnn,
+            epochs: 1,
+            batch_size: 128,
+            eps: "0.1".into(),
+            lr: 0.05,
+            schedule: ScheduleChoice::Cosine,
+            optimizer: OptimizerKind::Sgd,
+            seed: 0,
+            teacher_clean: String::new(),
+            teacher_robust: String::new(),
+            out: "run.safetensors".into(),
+        }
+    }
+}
+
+impl TrainForm {
+    /// The training settings the form describes, or what is wrong with it.
+    pub fn config(&self, data: &str) -> Result<TrainConfig, String> {
+        let eps = crate::attack::parse_eps(&self.eps).map_err(|e| format!("eps: {e}"))?;
+        let mut c = TrainConfig::new(self.method, data, self.epochs, eps);
+        c.batch_size = self.batch_size;
+        c.lr = self.lr;
+        c.optimizer = self.optimizer;
+        c.seed = self.seed;
+        c.schedule = match self.schedule {
+            ScheduleChoice::Cosine => Schedule::Cosine,
+            ScheduleChoice::Constant => Schedule::Constant,
+            ScheduleChoice::Step => Schedule::Step {
+                milestones: vec![self.epochs / 2, self.epochs * 3 / 4],
+                gamma: 0.1,
+            },
+        };
+        if self.method == Method::Awnet {
+            if self.teacher_clean.is_empty() || self.teacher_robust.is_empty() {
+                return Err("AW-Net distillation needs a clean and a robust teacher".into());
+            }
+            c.teacher_clean = Some(self.teacher_clean.clone());
+            c.teacher_robust = Some(self.teacher_robust.clone());
+        }
+        if self.out.trim().is_empty() {
+            return Err("choose where the model file goes".into());
+        }
+        Ok(c)
+    }
+}
+
+/// What the tab plots: the current run, or the record of the selected model.
+#[derive(Clone, Debug, Default)]
+pub struct TrainHistory {
+    /// Which run or file this is.
+    pub title: String,
+    pub steps: Vec<StepReport>,
+    pub epochs: Vec<EpochReport>,
+    pub total_steps: usize,
+    /// Images per step, for the time left.
+    pub batch_size: usize,
+    pub progress: Option<Progress>,
+}
+
+impl TrainHistory {
+    pub fn from_model(m: &ModelSummary) -> Self {
+        Self {
+            title: format!("training record of {}", m.name),
+            epochs: m.log.clone(),
+            ..Self::default()
+        }
+    }
+
+    pub fn apply(&mut self, e: &TrainEvent) {
+        match e {
+            TrainEvent::Started {
+                epochs,
+                steps_per_epoch,
+                ..
+            } => self.total_steps = epochs * steps_per_epoch,
+            TrainEvent::Step(s) => self.steps.push(s.clone()),
+            TrainEvent::Epoch(r) => {
+                self.epochs.retain(|x| x.epoch != r.epoch);
+                self.epochs.push(r.clone());
+            }
+            TrainEvent::Checkpoint { .. } => {}
+        }
+    }
+
+    /// Loss terms by name, each as (global step, value).
+    fn term_series(&self) -> Vec<(String, Vec<[f64; 2]>)> {
+        let mut out: Vec<(String, Vec<[f64; 2]>)> = vec![("loss".into(), Vec::new())];
+        for s in &self.steps {
+            out[0].1.push([s.global_step as f64, s.loss]);
+            for (name, v) in &s.terms {
+                match out.iter_mut().find(|(n, _)| n == name) {
+                    Some((_, pts)) => pts.push([s.global_step as f64, *v]),
+                    None => out.push((name.clone(), vec![[s.global_step as f64, *v]])),
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The state the tab reads; the window owns it.
+pub struct TrainView<'a> {
+    pub form: &'a mut TrainForm,
+    pub history: &'a TrainHistory,
+    pub running: bool,
+    pub data: &'a str,
+    pub models: &'a [ModelSummary],
+}
+
+pub fn show(ui: &mut Ui, v: TrainView, commands: &mut Vec<Command>) {
+    egui::Panel::left("train_settings")
+        .resizable(false)
+        .default_size(270.0)
+        .show(ui, |ui| settings(ui, v.form, v.running, v.data, commands));
+    egui::CentralPanel::default().show(ui, |ui| {
+        egui::ScrollArea::vertical().show(ui, |ui| plots(ui, v.history, v.models));
+    });
+}
+
+fn settings(ui: &mut Ui, f: &mut TrainForm, running: bool, data: &str, commands: &mut Vec<Command>) {
+    ui.heading("Run settings");
+    ui.label(format!(
+        "Data: {data} (train split; the last 5,000 images are held out)"
+    ));
+    egui::Grid::new("train_form").num_columns(2).show(ui, |ui| {
+        ui.label("Method");
+        egui::ComboBox::from_id_salt("method")
+            .selected_text(format!("{:?}", f.method))
+            .show_ui(ui, |ui| {
+                for m in [Method::Standard, Method::PgdAt, Method::Trades, Method::Awnet, Method::AwnetFree] {
+                    ui.selectable_value(&mut f.method, m, format!("{m:?}"));
+                }
+            })
+            .response
+            .on_hover_text("Standard: cross-entropy. PGD-AT: on PGD-10 images. TRADES: CE + beta KL. AwNet: distilled from two teachers. AwnetFree: AW-Net without teachers (a variant).");
+        ui.end_row();
+        ui.label("Backbone");
+        egui::ComboBox::from_id_salt("arch")
+            .selected_text(f.arch.name())
+            .show_ui(ui, |ui| {
+                ui.selectable_value(&mut f.arch, Arch::SmallCnn, "small-cnn");
+                ui.selectable_value(&mut f.arch, Arch::Resnet18, "resnet18");
+            })
+            .response
+            .on_hover_text("small-cnn trains on this CPU; resnet18 is the paper's backbone");
+        ui.end_row();
+        ui.label("Epochs");
+        ui.add(egui::DragValue::new(&mut f.epochs).range(1..=500))
+            .on_hover_text("Passes over the training images");
+        ui.end_row();
+        ui.label("Batch size");
+        ui.add(egui::DragValue::new(&mut f.batch_size).range(2..=1024))
+            .on_hover_text("Images per step");
+        ui.end_row();
+        ui.label("eps (L-inf)");
+        ui.text_edit_singleline(&mut f.eps)
+            .on_hover_text("Radius of the training attack in pixel units of [0, 1]; 8/255 is accepted");
+        ui.end_row();
+        ui.label("Learning rate");
+        ui.add(egui::DragValue::new(&mut f.lr).speed(0.001).range(1e-6..=1.0))
+            .on_hover_text("Initial learning rate");
+        ui.end_row();
+        ui.label("Schedule");
+        ui.horizontal(|ui| {
+            for (s, name, tip) in [
+                (ScheduleChoice::Cosine, "cosine", "Cosine decay to zero over the run"),
+                (ScheduleChoice::Step, "step", "x0.1 at 1/2 and 3/4 of the epochs"),
+                (ScheduleChoice::Constant, "constant", "The same rate throughout"),
+            ] {
+                ui.selectable_value(&mut f.schedule, s, name).on_hover_text(tip);
+            }
+        });
+        ui.end_row();
+        ui.label("Optimizer");
+        ui.horizontal(|ui| {
+            ui.selectable_value(&mut f.optimizer, OptimizerKind::Sgd, "SGD")
+                .on_hover_text("SGD, momentum 0.9, weight decay 5e-4");
+            ui.selectable_value(&mut f.optimizer, OptimizerKind::Adamw, "AdamW")
+                .on_hover_text("AdamW");
+        });
+        ui.end_row();
+        ui.label("Seed");
+        ui.add(egui::DragValue::new(&mut f.seed))
+            .on_hover_text("The same seed and thread count give the same weights");
+        ui.end_row();
+        if f.method == Method::Awnet {
+            for (label, path, purpose) in [
+                ("Clean teacher", &mut f.teacher_clean, PickPurpose::TeacherClean),
+                ("Robust teacher", &mut f.teacher_robust, PickPurpose::TeacherRobust),
+            ] {
+                ui.label(label);
+                ui.horizontal(|ui| {
+                    ui.add(egui::TextEdit::singleline(path).desired_width(140.0))
+                        .on_hover_text("A trained model file of the same input shape and classes");
+                    if ui.button("…").on_hover_text("Choose a file").clicked() {
+                        commands.push(Command::Pick(purpose));
+                    }
+                });
+                ui.end_row();
+            }
+        }
+        ui.label("Model file");
+        ui.horizontal(|ui| {
+            ui.add(egui::TextEdit::singleline(&mut f.out).desired_width(140.0))
+                .on_hover_text("Written at every epoch end and on Stop; Resume continues it");
+            if ui.button("…").on_hover_text("Choose where to write").clicked() {
+                commands.push(Command::Pick(PickPurpose::TrainOutput));
+            }
+        });
+        ui.end_row();
+    });
+    ui.separator();
+    ui.horizontal(|ui| {
+        let start = ui
+            .add_enabled(!running, egui::Button::new("Start"))
+            .on_hover_text("Start a new run with these settings (Ctrl+Enter)");
+        if start.clicked() {
+            commands.push(start_command(f, data));
+        }
+        let stop = ui
+            .add_enabled(running, egui::Button::new("Stop"))
+            .on_hover_text("Stop at the next step and write a checkpoint (Esc)");
+        if stop.clicked() {
+            commands.push(Command::StopTraining);
+        }
+        let resume = ui
+            .add_enabled(!running, egui::Button::new("Resume"))
+            .on_hover_text("Continue the run stored in the model file, up to the epochs above");
+        if resume.clicked() {
+            commands.push(Command::StartTraining(TrainRequest::Resume {
+                out: PathBuf::from(&f.out),
+                epochs: Some(f.epochs),
+            }));
+        }
+    });
+}
+
+/// Start, or a notification saying what is wrong with the form.
+pub fn start_command(f: &TrainForm, data: &str) -> Command {
+    match f.config(data) {
+        Ok(config) => Command::StartTraining(TrainRequest::New {
+            config: Box::new(config),
+            arch: f.arch,
+            out: PathBuf::from(&f.out),
+        }),
+        Err(e) => Command::Notify(format!("cannot start: {e}")),
+    }
+}
+
+fn plots(ui: &mut Ui, h: &TrainHistory, models: &[ModelSummary]) {
+    ui.heading(if h.title.is_empty() { "No run yet" } else { &h.title });
+    if let Some(last) = h.steps.last() {
+        let frac = last.global_step as f64 / h.total_steps.max(1) as f64;
+        let left = h.total_steps.saturating_sub(last.global_step) as f64 * h.batch_size.max(1) as f64
+            / last.images_per_second.max(1e-9);
+        ui.add(egui::ProgressBar::new(frac as f32).show_percentage().text(format!(
+            "epoch {} step {}/{} · {:.0} img/s · about {} left",
+            last.epoch + 1,
+            last.step + 1,
+            last.steps_per_epoch,
+            last.images_per_second,
+            human_seconds(left)
+        )));
+    }
+    if let Some(p) = &h.progress {
+        ui.label(format!("{}: {}/{}", p.stage, p.done, p.total));
+    }
+    let w = (ui.available_width() / 2.0 - 8.0).max(200.0);
+    ui.horizontal(|ui| {
+        ui.vertical(|ui| {
+            ui.set_width(w);
+            ui.label(if h.steps.is_empty() {
+                "Training loss per epoch"
+            } else {
+                "Loss terms per step"
+            });
+            Plot::new("loss_plot")
+                .height(220.0)
+                .legend(Legend::default())
+                .x_axis_label(if h.steps.is_empty() { "epoch" } else { "step" })
+                .y_axis_label("loss")
+                .show(ui, |p| {
+                    if h.steps.is_empty() {
+                        let pts: Vec<[f64; 2]> =
+                            h.epochs.iter().map(|r| [r.epoch as f64 + 1.0, r.train_loss]).collect();
+                        p.line(Line::new("loss", PlotPoints::from(pts.clone())));
+                        p.points(Points::new("loss", PlotPoints::from(pts)).radius(3.0));
+                    }
+                    for (name, pts) in h.term_series() {
+                        p.line(Line::new(name, PlotPoints::from(pts)));
+                    }
+                });
+        });
+        ui.vertical(|ui| {
+            ui.set_width(w);
+            ui.label("Accuracy per epoch (held-out training images)");
+            Plot::new("acc_plot")
+                .height(220.0)
+                .legend(Legend::default())
+                .x_axis_label("epoch")
+                .y_axis_label("accuracy")
+                .include_y(0.0)
+                .include_y(1.0)
+                .show(ui, |p| {
+                    let clean: Vec<[f64; 2]> = h
+                        .epochs
+                        .iter()
+                        .map(|r| [r.epoch as f64 + 1.0, r.clean_accuracy])
+                        .collect();
+                    let robust: Vec<[f64; 2]> = h
+                        .epochs
+                        .iter()
+                        .map(|r| [r.epoch as f64 + 1.0, r.robust_accuracy])
+                        .collect();
+                    p.line(Line::new("clean", PlotPoints::from(clean.clone())));
+                    p.points(Points::new("clean", PlotPoints::from(clean)).radius(3.0));
+                    p.line(Line::new("robust", PlotPoints::from(robust.clone())));
+                    p.points(Points::new("robust", PlotPoints::from(robust)).radius(3.0));
+                });
+            if let Some(r) = h.epochs.last() {
+                ui.small(format!("robust: {}", r.robust_label));
+            }
+        });
+    });
+    ui.horizontal(|ui| {
+        ui.vertical(|ui| {
+            ui.set_width(w);
+            let balance: Vec<[f64; 2]> = h
+                .steps
+                .iter()
+                .filter_map(|s| s.balance.map(|(_, a)| [s.global_step as f64, a]))
+                .collect();
+            ui.label("Learning rate, and AW-Net's balancing weight w_adv");
+            Plot::new("lr_plot")
+                .height(200.0)
+                .legend(Legend::default())
+                .x_axis_label("step")
+                .show(ui, |p| {
+                    let lr: Vec<[f64; 2]> = h.steps.iter().map(|s| [s.global_step as f64, s.lr]).collect();
+                    let lr = if lr.is_empty() {
+                        h.epochs.iter().map(|r| [r.epoch as f64, r.lr]).collect()
+                    } else {
+                        lr
+                    };
+                    p.line(Line::new("learning rate", PlotPoints::from(lr)));
+                    if !balance.is_empty() {
+                        p.line(Line::new("w_adv", PlotPoints::from(balance)));
+                    }
+                });
+        });
+        ui.vertical(|ui| {
+            ui.set_width(w);
+            ui.label("Trade-off: clean vs robust accuracy, one point per epoch");
+            trade_off_plot(ui, "train_trade_off", &h.epochs, models);
+        });
+    });
+}
+
+/// Clean vs robust accuracy with iso-W-Robust lines, the run's trajectory and the open models.
+pub fn trade_off_plot(ui: &mut Ui, id: &str, epochs: &[EpochReport], models: &[ModelSummary]) {
+    Plot::new(id)
+        .height(260.0)
+        .data_aspect(1.0)
+        .legend(Legend::default())
+        .x_axis_label("clean accuracy")
+        .y_axis_label("robust accuracy")
+        .include_x(0.0)
+        .include_x(1.0)
+        .include_y(0.0)
+        .include_y(1.0)
+        .show(ui, |p| {
+            for k in 1..10 {
+                let w = k as f64 / 10.0;
+                // clean + robust = 2 W, inside the unit square.
+                let (a, b) = ((2.0 * w - 1.0).max(0.0), (2.0 * w).min(1.0));
+                p.line(
+                    Line::new(
+                        "equal W-Robust (0.1 apart)",
+                        PlotPoints::from(vec![[a, 2.0 * w - a], [b, 2.0 * w - b]]),
+                    )
+                    .color(Color32::from_gray(140).gamma_multiply(0.5))
+                    .style(LineStyle::dashed_dense()),
+                );
+            }
+            let traj: Vec<[f64; 2]> = epochs.iter().map(|r| [r.clean_accuracy, r.robust_accuracy]).collect();
+            if !traj.is_empty() {
+                p.line(Line::new("per epoch", PlotPoints::from(traj.clone())));
+                p.points(Points::new("per epoch", PlotPoints::from(traj)).radius(3.5));
+            }
+            for m in models {
+                if let Some((c, r, _)) = m.trade_off_point() {
+                    p.points(
+                        Points::new(m.name.clone(), PlotPoints::from(vec![[c, r]]))
+                            .shape(MarkerShape::Diamond)
+                            .radius(6.0),
+                    );
+                }
+            }
+        });
+}
+
+pub fn human_seconds(s: f64) -> String {
+    if !s.is_finite() {
+        return "?".into();
+    }
+    let s = s.round() as u64;
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min {} s", s / 60, s % 60),
+        _ => format!("{} h {} min", s / 3600, (s % 3600) / 60),
+    }
+}

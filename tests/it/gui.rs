@@ -1,0 +1,182 @@
+//! The window, driven headless with egui_kittest: buttons emit commands, fake worker events
+//! draw the run, errors become notifications. No real training runs here.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use awnet_lab::gui::worker::{Event, TrainRequest};
+use awnet_lab::gui::{App, Command, StartOptions, Tab};
+use awnet_lab::train::{EpochReport, StepReport, TrainEvent};
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+
+fn harness(app: App) -> Harness<'static, App> {
+    Harness::builder()
+        .with_size([1280.0, 800.0])
+        .build_ui_state(|ui, app: &mut App| app.show(ui), app)
+}
+
+fn dry_app() -> App {
+    App::dry(StartOptions {
+        models: vec![PathBuf::from("models/standard.safetensors")],
+        tab: Some(Tab::Train),
+        screenshot: None,
+    })
+}
+
+fn step(k: usize, loss: f64) -> TrainEvent {
+    TrainEvent::Step(StepReport {
+        epoch: 0,
+        step: k,
+        steps_per_epoch: 10,
+        global_step: k + 1,
+        lr: 0.05,
+        loss,
+        terms: vec![("ce".into(), loss)],
+        balance: None,
+        images_per_second: 250.0,
+    })
+}
+
+fn epoch(e: usize, clean: f64, robust: f64) -> TrainEvent {
+    TrainEvent::Epoch(EpochReport {
+        epoch: e,
+        lr: 0.05,
+        train_loss: 1.0,
+        clean_accuracy: clean,
+        robust_accuracy: robust,
+        robust_label: "PGD-10 (test label)".into(),
+        w_robust: (clean + robust) / 2.0,
+        router_auc: None,
+        router_type_accuracy: None,
+        monitor: "held out".into(),
+        images_per_second: 250.0,
+        seconds: 1.0,
+        eta_seconds: 0.0,
+    })
+}
+
+#[test]
+fn train_tab_buttons_emit_start_and_stop() {
+    let mut h = harness(dry_app());
+    h.run_steps(4);
+    h.get_by_label("Start").click();
+    h.run_steps(4);
+    let starts: Vec<_> = h
+        .state()
+        .sent
+        .iter()
+        .filter(|c| matches!(c, Command::StartTraining(TrainRequest::New { .. })))
+        .collect();
+    assert_eq!(starts.len(), 1, "{:?}", h.state().sent);
+    assert!(!h.state().sent.contains(&Command::StopTraining));
+
+    // Stop is enabled once the run has started.
+    h.state_mut().inject(Event::Train(TrainEvent::Started {
+        epochs: 1,
+        steps_per_epoch: 10,
+        resumed_at: None,
+    }));
+    h.run_steps(4);
+    h.get_by_label("Stop").click();
+    h.run_steps(4);
+    assert!(h.state().sent.contains(&Command::StopTraining));
+}
+
+#[test]
+fn a_bad_form_is_a_notification_not_a_start() {
+    let mut app = dry_app();
+    app.settings.train.eps = "eight".into();
+    let mut h = harness(app);
+    h.run_steps(4);
+    h.get_by_label("Start").click();
+    h.run_steps(4);
+    let sent = &h.state().sent;
+    assert!(
+        sent.iter()
+            .any(|c| matches!(c, Command::Notify(m) if m.contains("eps"))),
+        "{sent:?}"
+    );
+    assert!(!sent.iter().any(|c| matches!(c, Command::StartTraining(_))));
+}
+
+#[test]
+fn fake_training_events_draw_the_run() {
+    let mut h = harness(dry_app());
+    h.run_steps(4);
+    h.state_mut().inject(Event::Train(TrainEvent::Started {
+        epochs: 2,
+        steps_per_epoch: 10,
+        resumed_at: None,
+    }));
+    for k in 0..4 {
+        h.state_mut().inject(Event::Train(step(k, 2.0 - 0.1 * k as f64)));
+    }
+    h.state_mut().inject(Event::Train(epoch(0, 0.7, 0.2)));
+    h.run_steps(4);
+    let run = h.state().run.as_ref().expect("the events start a run");
+    assert_eq!(run.steps.len(), 4);
+    assert_eq!(run.epochs.len(), 1);
+    // The progress bar and the status bar show the newest step.
+    h.get_by_label_contains("epoch 1 step 4/10");
+    h.get_by_label_contains("training: epoch 1, step 4/10, 250 img/s");
+    h.get_by_label_contains("robust: PGD-10 (test label)");
+    // The same epoch again replaces the point instead of adding one.
+    h.state_mut().inject(Event::Train(epoch(0, 0.72, 0.21)));
+    h.run_steps(4);
+    assert_eq!(h.state().run.as_ref().unwrap().epochs.len(), 1);
+}
+
+#[test]
+fn an_error_event_shows_a_notification() {
+    let mut h = harness(dry_app());
+    h.run_steps(4);
+    h.state_mut().inject(Event::TrainFailed(
+        "training stopped: the loss became NaN at epoch 0, step 3".into(),
+    ));
+    h.run_steps(4);
+    h.get_by_label_contains("the loss became NaN");
+    assert!(!h.state().is_training());
+}
+
+/// A corrupt model file, opened through the same command as the file dialog and drag-and-drop,
+/// becomes a notification naming the file, and the window keeps working.
+#[test]
+fn opening_a_corrupt_model_is_a_notification() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("broken.safetensors");
+    std::fs::write(&bad, b"not a safetensors file at all").unwrap();
+    let app = App::new(
+        StartOptions {
+            models: vec![bad.clone()],
+            tab: Some(Tab::Train),
+            screenshot: None,
+        },
+        None,
+        None,
+    );
+    let mut h = harness(app);
+    for _ in 0..500 {
+        h.step();
+        if !h.state().notifications.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let n = &h.state().notifications;
+    assert_eq!(n.len(), 1, "{n:?}");
+    assert!(n[0].error && n[0].text.contains("broken.safetensors"), "{}", n[0].text);
+    assert!(h.state().models.is_empty());
+    h.run_steps(4);
+    h.get_by_label("Start");
+}
+
+#[test]
+fn tabs_switch_by_click() {
+    let mut h = harness(dry_app());
+    h.run_steps(4);
+    h.get_by_label("Trade-off").click();
+    h.run_steps(4);
+    assert_eq!(h.state().settings.tab, Tab::TradeOff);
+    h.get_by_label_contains("Clean vs robust accuracy of the open models");
+}
