@@ -290,6 +290,15 @@ pub fn start_command(f: &TrainForm, data: &str) -> Command {
     }
 }
 
+const CLEAN: Color32 = Color32::from_rgb(70, 130, 220);
+const ROBUST: Color32 = Color32::from_rgb(230, 120, 40);
+
+/// A line with a marker at each point, one legend entry.
+fn series(p: &mut egui_plot::PlotUi, name: &str, pts: Vec<[f64; 2]>, colour: Color32) {
+    p.line(Line::new(name, PlotPoints::from(pts.clone())).color(colour));
+    p.points(Points::new(name, PlotPoints::from(pts)).radius(3.0).color(colour));
+}
+
 fn plots(ui: &mut Ui, h: &TrainHistory, models: &[ModelSummary]) {
     ui.heading(if h.title.is_empty() { "No run yet" } else { &h.title });
     if let Some(last) = h.steps.last() {
@@ -355,10 +364,8 @@ fn plots(ui: &mut Ui, h: &TrainHistory, models: &[ModelSummary]) {
                         .iter()
                         .map(|r| [r.epoch as f64 + 1.0, r.robust_accuracy])
                         .collect();
-                    p.line(Line::new("clean", PlotPoints::from(clean.clone())));
-                    p.points(Points::new("clean", PlotPoints::from(clean)).radius(3.0));
-                    p.line(Line::new("robust", PlotPoints::from(robust.clone())));
-                    p.points(Points::new("robust", PlotPoints::from(robust)).radius(3.0));
+                    series(p, "clean", clean, CLEAN);
+                    series(p, "robust", robust, ROBUST);
                 });
             if let Some(r) = h.epochs.last() {
                 ui.small(format!("robust: {}", r.robust_label));
@@ -377,11 +384,11 @@ fn plots(ui: &mut Ui, h: &TrainHistory, models: &[ModelSummary]) {
             Plot::new("lr_plot")
                 .height(200.0)
                 .legend(Legend::default())
-                .x_axis_label("step")
+                .x_axis_label(if h.steps.is_empty() { "epoch" } else { "step" })
                 .show(ui, |p| {
                     let lr: Vec<[f64; 2]> = h.steps.iter().map(|s| [s.global_step as f64, s.lr]).collect();
                     let lr = if lr.is_empty() {
-                        h.epochs.iter().map(|r| [r.epoch as f64, r.lr]).collect()
+                        h.epochs.iter().map(|r| [r.epoch as f64 + 1.0, r.lr]).collect()
                     } else {
                         lr
                     };
@@ -427,8 +434,7 @@ pub fn trade_off_plot(ui: &mut Ui, id: &str, epochs: &[EpochReport], models: &[M
             }
             let traj: Vec<[f64; 2]> = epochs.iter().map(|r| [r.clean_accuracy, r.robust_accuracy]).collect();
             if !traj.is_empty() {
-                p.line(Line::new("per epoch", PlotPoints::from(traj.clone())));
-                p.points(Points::new("per epoch", PlotPoints::from(traj)).radius(3.5));
+                series(p, "per epoch", traj, CLEAN);
             }
             for m in models {
                 if let Some((c, r, _)) = m.trade_off_point() {
