@@ -5,6 +5,7 @@
 //! different effective weights. Everything here is a library that the command line, the window
 //! and tests drive; only `cli` touches the terminal.
 
+pub mod analysis;
 pub mod attack;
 pub mod cli;
 pub mod data;

@@ -10,6 +10,7 @@ use egui::{Key, KeyboardShortcut, Modifiers, Ui};
 use serde::{Deserialize, Serialize};
 
 use super::Command;
+use super::filters_tab::{self, FiltersState};
 use super::train_tab::{self, TrainForm, TrainHistory, TrainView};
 use super::worker::{self, Event, ModelSummary, PickPurpose, TrainWorker, Waker};
 use crate::train::TrainEvent;
@@ -106,6 +107,7 @@ pub struct App {
     pub notifications: Vec<Notification>,
     /// The run of this session, if one was started.
     pub run: Option<TrainHistory>,
+    pub filters: FiltersState,
     /// Data set description, once resolved.
     pub data_description: Option<String>,
     /// Commands are recorded in `sent` instead of executed (tests).
@@ -137,6 +139,7 @@ impl App {
             selected: None,
             notifications: Vec::new(),
             run: None,
+            filters: FiltersState::default(),
             data_description: None,
             dry_run: false,
             sent: Vec::new(),
@@ -436,10 +439,10 @@ impl App {
                 let epochs = self.run.as_ref().map(|r| r.epochs.clone()).unwrap_or_default();
                 train_tab::trade_off_plot(ui, "tab_trade_off", &epochs, &self.models);
             }
+            Tab::Filters => filters_tab::show(ui, &mut self.filters, &self.models, &mut self.outbox),
             t => {
                 ui.heading(t.title());
                 ui.label(match t {
-                    Tab::Filters => "Weight distributions and kernels per layer: not built yet (issue 6).",
                     Tab::Router => "The router's signals for clean vs adversarial inputs: not built yet (issue 6).",
                     _ => "Interactive attacks on one image: not built yet (issue 7); `awnet attack` does it from the command line.",
                 });
@@ -555,6 +558,15 @@ impl App {
                 self.pending_jobs = self.pending_jobs.saturating_sub(1);
                 self.data_description = Some(d);
             }
+            Event::Filters { generation, result } => {
+                self.pending_jobs = self.pending_jobs.saturating_sub(1);
+                match result {
+                    Ok(a) => {
+                        self.filters.accept(generation, *a);
+                    }
+                    Err(e) => self.notify(format!("cannot analyse the filters: {e}"), true),
+                }
+            }
             Event::ScreenshotSaved(r) => match r {
                 Ok(p) => {
                     eprintln!("screenshot written: {}", p.display());
@@ -641,6 +653,13 @@ impl App {
                         Ok(ds) => Event::DataDescribed(ds.describe()),
                         Err(e) => Event::Error(format!("cannot use the data '{name}': {}", worker::chain(&e))),
                     }
+                });
+            }
+            Command::AnalyseFilters(request) => {
+                self.pending_jobs += 1;
+                worker::spawn_job("awnet-filters", tx, waker, move || Event::Filters {
+                    generation: request.generation,
+                    result: worker::analyse_filters(&request).map(Box::new),
                 });
             }
             Command::Notify(text) => self.notify(text, true),

@@ -5,6 +5,7 @@
 //! [`Command`]s, handled in one place ([`App::execute`]).
 
 pub mod app;
+pub mod filters_tab;
 pub mod train_tab;
 pub mod worker;
 
@@ -22,6 +23,7 @@ pub enum Command {
     CloseModel(usize),
     Pick(PickPurpose),
     SetData(String),
+    AnalyseFilters(filters_tab::FiltersRequest),
     /// Show a message to the user.
     Notify(String),
 }

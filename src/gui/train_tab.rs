@@ -383,6 +383,15 @@ fn plots(ui: &mut Ui, h: &TrainHistory, models: &[ModelSummary]) {
             ui.label("Learning rate, and AW-Net's balancing weight w_adv");
             Plot::new("lr_plot")
                 .height(200.0)
+                .include_y(0.0)
+                .include_y(
+                    h.steps
+                        .iter()
+                        .map(|s| s.lr)
+                        .chain(h.epochs.iter().map(|r| r.lr))
+                        .fold(0.0, f64::max)
+                        * 1.1,
+                )
                 .legend(Legend::default())
                 .x_axis_label(if h.steps.is_empty() { "epoch" } else { "step" })
                 .show(ui, |p| {

@@ -31,6 +31,11 @@ pub enum Event {
     /// A file dialog closed: what it was for, and the file picked (if any).
     Picked(PickPurpose, Option<PathBuf>),
     ScreenshotSaved(Result<PathBuf, String>),
+    /// A Filters analysis for request `generation`.
+    Filters {
+        generation: u64,
+        result: Result<Box<crate::analysis::filters::FiltersAnalysis>, String>,
+    },
 }
 
 /// What a file dialog was opened for.
@@ -249,4 +254,22 @@ impl Drop for TrainWorker {
             let _ = h.join();
         }
     }
+}
+
+/// Loads the models of a Filters request and analyses them.
+pub fn analyse_filters(
+    r: &super::filters_tab::FiltersRequest,
+) -> Result<crate::analysis::filters::FiltersAnalysis, String> {
+    use crate::analysis::filters;
+    let mut models = Vec::new();
+    for p in &r.models {
+        let m = checkpoint::open(p).map_err(|e| chain(&e))?;
+        let name = p
+            .file_stem()
+            .map_or_else(|| p.display().to_string(), |s| s.to_string_lossy().into_owned());
+        let weights =
+            filters::layer_weights(&m).map_err(|e| format!("cannot read the weights of {}: {e}", p.display()))?;
+        models.push((name, weights));
+    }
+    Ok(filters::analyse(&models, &r.layer, r.bins, r.near_zero))
 }

@@ -180,3 +180,100 @@ fn tabs_switch_by_click() {
     assert_eq!(h.state().settings.tab, Tab::TradeOff);
     h.get_by_label_contains("Clean vs robust accuracy of the open models");
 }
+
+fn summary(name: &str) -> awnet_lab::gui::worker::ModelSummary {
+    awnet_lab::gui::worker::ModelSummary {
+        path: PathBuf::from(format!("{name}.safetensors")),
+        name: name.into(),
+        description: "small-cnn static".into(),
+        parameters: 1,
+        is_awnet: false,
+        log: Vec::new(),
+    }
+}
+
+fn analyses(models: &[&str], layer: &str) -> Box<awnet_lab::analysis::filters::FiltersAnalysis> {
+    use awnet_lab::analysis::filters::{LayerWeights, analyse};
+    let weights = |shift: f64| {
+        vec![
+            LayerWeights {
+                name: "stem.conv".into(),
+                shape: vec![2, 1, 3, 3],
+                values: (0..18).map(|i| i as f64 / 18.0 - 0.5 + shift).collect(),
+            },
+            LayerWeights {
+                name: "fc".into(),
+                shape: vec![2, 2],
+                values: vec![0.1, -0.2, 0.3 + shift, 0.0],
+            },
+        ]
+    };
+    let named: Vec<_> = models
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.to_string(), weights(0.1 * i as f64)))
+        .collect();
+    Box::new(analyse(&named, layer, 20, 0.01))
+}
+
+/// Selecting a layer or a second model asks the worker for a new analysis; its result, and
+/// only the newest, is what the tab shows.
+#[test]
+fn filters_tab_follows_the_selection() {
+    let mut app = dry_app();
+    app.models = vec![summary("standard"), summary("robust")];
+    app.settings.tab = Tab::Filters;
+    let mut h = harness(app);
+    h.run_steps(4);
+    let requests = |h: &Harness<App>| -> Vec<awnet_lab::gui::filters_tab::FiltersRequest> {
+        h.state()
+            .sent
+            .iter()
+            .filter_map(|c| match c {
+                Command::AnalyseFilters(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let first = requests(&h);
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].models.len(), 2, "both open models are compared by default");
+
+    // Untick the second model: a new request for one model.
+    h.get_by_role_and_label(egui::Role::CheckBox, "robust").click();
+    h.run_steps(4);
+    let r = requests(&h);
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[1].models, vec![PathBuf::from("standard.safetensors")]);
+
+    // The result of the old request is dropped; the newest one is shown.
+    let g_old = r[0].generation;
+    let g_new = r[1].generation;
+    h.state_mut().inject(Event::Filters {
+        generation: g_old,
+        result: Ok(analyses(&["standard", "robust"], "all layers pooled")),
+    });
+    h.run_steps(4);
+    assert!(h.state().filters.result.is_none());
+    h.state_mut().inject(Event::Filters {
+        generation: g_new,
+        result: Ok(analyses(&["standard"], "all layers pooled")),
+    });
+    h.run_steps(4);
+    assert!(h.state().filters.result.is_some());
+    h.get_by_label("Weights of all layers pooled");
+
+    // Picking a layer asks for that layer.
+    h.state_mut().filters.layer = "fc".into();
+    h.run_steps(4);
+    let r = requests(&h);
+    assert_eq!(r.last().unwrap().layer, "fc");
+    let g = r.last().unwrap().generation;
+    h.state_mut().inject(Event::Filters {
+        generation: g,
+        result: Ok(analyses(&["standard"], "fc")),
+    });
+    h.run_steps(4);
+    h.get_by_label("Weights of fc");
+    h.get_by_label_contains("Kernels of fc in standard");
+}

@@ -1,0 +1,7 @@
+//! Numbers the views plot, computed from models: weight statistics, histograms, distances.
+//! Plain `Vec<f64>` out, no tensors, so the window and the exporters draw from the same data.
+
+pub mod filters;
+pub mod stats;
+
+pub use stats::{Histogram, Summary, wasserstein1};
