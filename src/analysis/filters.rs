@@ -177,9 +177,9 @@ pub fn diverging(t: f64) -> [u8; 3] {
 /// layer of up to three channels, otherwise a heat map with a row per input channel and a
 /// column per tap (`c_in` x `k * k`).
 pub fn kernel_picture(l: &LayerWeights) -> KernelPicture {
-    let (c_out, c_in, k) = match l.shape.as_slice() {
-        &[o, i, k, _] => (o, i, k),
-        &[o, i] => (o, i, 1),
+    let (c_out, c_in, k) = match *l.shape.as_slice() {
+        [o, i, k, _] => (o, i, k),
+        [o, i] => (o, i, 1),
         _ => (l.values.len(), 1, 1),
     };
     let patches = c_in <= 3 && k > 1;
