@@ -2,6 +2,7 @@
 //! Plain `Vec<f64>` out, no tensors, so the window and the exporters draw from the same data.
 
 pub mod filters;
+pub mod router;
 pub mod stats;
 
 pub use stats::{Histogram, Summary, wasserstein1};

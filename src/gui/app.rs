@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use super::Command;
 use super::filters_tab::{self, FiltersState};
+use super::router_tab::{self, RouterState};
 use super::train_tab::{self, TrainForm, TrainHistory, TrainView};
 use super::worker::{self, Event, ModelSummary, PickPurpose, TrainWorker, Waker};
+use crate::observe::StopFlag;
 use crate::train::TrainEvent;
 
 pub const SETTINGS_KEY: &str = "awnet-lab-settings";
@@ -108,6 +110,9 @@ pub struct App {
     /// The run of this session, if one was started.
     pub run: Option<TrainHistory>,
     pub filters: FiltersState,
+    pub router: RouterState,
+    /// Cancels the Router analysis in flight.
+    router_stop: StopFlag,
     /// Data set description, once resolved.
     pub data_description: Option<String>,
     /// Commands are recorded in `sent` instead of executed (tests).
@@ -140,6 +145,8 @@ impl App {
             notifications: Vec::new(),
             run: None,
             filters: FiltersState::default(),
+            router: RouterState::default(),
+            router_stop: StopFlag::default(),
             data_description: None,
             dry_run: false,
             sent: Vec::new(),
@@ -440,12 +447,16 @@ impl App {
                 train_tab::trade_off_plot(ui, "tab_trade_off", &epochs, &self.models);
             }
             Tab::Filters => filters_tab::show(ui, &mut self.filters, &self.models, &mut self.outbox),
-            t => {
-                ui.heading(t.title());
-                ui.label(match t {
-                    Tab::Router => "The router's signals for clean vs adversarial inputs: not built yet (issue 6).",
-                    _ => "Interactive attacks on one image: not built yet (issue 7); `awnet attack` does it from the command line.",
-                });
+            Tab::Router => router_tab::show(
+                ui,
+                &mut self.router,
+                &self.models,
+                &self.settings.data,
+                &mut self.outbox,
+            ),
+            Tab::AttackLab => {
+                ui.heading("Attack lab");
+                ui.label("Interactive attacks on one image: not built yet (issue 7); `awnet attack` does it from the command line.");
             }
         }
     }
@@ -558,6 +569,29 @@ impl App {
                 self.pending_jobs = self.pending_jobs.saturating_sub(1);
                 self.data_description = Some(d);
             }
+            Event::RouterProgress { generation, progress } => {
+                if self.router.is_current(generation) {
+                    self.router.progress = Some(progress);
+                }
+            }
+            Event::Router { generation, result } => {
+                self.pending_jobs = self.pending_jobs.saturating_sub(1);
+                match result {
+                    Ok(Some(a)) => {
+                        self.router.accept(generation, Ok(*a));
+                    }
+                    Ok(None) => {
+                        if self.router.is_current(generation) {
+                            self.router.progress = None;
+                        }
+                    }
+                    Err(e) => {
+                        if self.router.accept(generation, Err(e.clone())) {
+                            self.notify(format!("router analysis failed: {e}"), true);
+                        }
+                    }
+                }
+            }
             Event::Filters { generation, result } => {
                 self.pending_jobs = self.pending_jobs.saturating_sub(1);
                 match result {
@@ -662,6 +696,18 @@ impl App {
                     result: worker::analyse_filters(&request).map(Box::new),
                 });
             }
+            Command::AnalyseRouter(request) => {
+                // A newer question cancels the older computation.
+                self.router_stop.raise();
+                self.router_stop = StopFlag::default();
+                let stop = self.router_stop.clone();
+                self.pending_jobs += 1;
+                let (tx2, waker2) = (tx.clone(), waker.clone());
+                worker::spawn_job("awnet-router", tx, waker, move || {
+                    worker::analyse_router(&request, tx2, waker2, stop)
+                });
+            }
+            Command::CancelRouter => self.router_stop.raise(),
             Command::Notify(text) => self.notify(text, true),
         }
     }

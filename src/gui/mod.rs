@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod filters_tab;
+pub mod router_tab;
 pub mod train_tab;
 pub mod worker;
 
@@ -24,6 +25,8 @@ pub enum Command {
     Pick(PickPurpose),
     SetData(String),
     AnalyseFilters(filters_tab::FiltersRequest),
+    AnalyseRouter(router_tab::RouterRequest),
+    CancelRouter,
     /// Show a message to the user.
     Notify(String),
 }

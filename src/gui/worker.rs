@@ -31,6 +31,16 @@ pub enum Event {
     /// A file dialog closed: what it was for, and the file picked (if any).
     Picked(PickPurpose, Option<PathBuf>),
     ScreenshotSaved(Result<PathBuf, String>),
+    /// How far the Router analysis of request `generation` has got.
+    RouterProgress {
+        generation: u64,
+        progress: Progress,
+    },
+    /// The Router analysis of request `generation`; `None` when it was cancelled.
+    Router {
+        generation: u64,
+        result: Result<Option<Box<crate::analysis::router::RouterAnalysis>>, String>,
+    },
     /// A Filters analysis for request `generation`.
     Filters {
         generation: u64,
@@ -272,4 +282,55 @@ pub fn analyse_filters(
         models.push((name, weights));
     }
     Ok(filters::analyse(&models, &r.layer, r.bins, r.near_zero))
+}
+
+struct JobObserver {
+    tx: Sender<Event>,
+    waker: Waker,
+    stop: StopFlag,
+    generation: u64,
+}
+
+impl Observer for JobObserver {
+    fn progress(&mut self, p: &Progress) {
+        send(
+            &self.tx,
+            &self.waker,
+            Event::RouterProgress {
+                generation: self.generation,
+                progress: p.clone(),
+            },
+        );
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop.is_raised()
+    }
+}
+
+/// Loads the model and the test images of a Router request, attacks them and analyses the
+/// router; progress goes out as events, `stop` cancels.
+pub fn analyse_router(r: &super::router_tab::RouterRequest, tx: Sender<Event>, waker: Waker, stop: StopFlag) -> Event {
+    let generation = r.generation;
+    let result = (|| -> Result<Option<Box<crate::analysis::router::RouterAnalysis>>, String> {
+        let m = checkpoint::open(&r.model).map_err(|e| chain(&e))?;
+        let net = m.frozen().map_err(|e| chain(&e))?;
+        let ds = crate::data::load(
+            &r.data,
+            crate::data::Split::Test,
+            Some((m.config.in_channels, m.config.image_size)),
+        )
+        .map_err(|e| chain(&e))?;
+        let mut obs = JobObserver {
+            tx,
+            waker,
+            stop,
+            generation,
+        };
+        match crate::analysis::router::analyse(&net, &ds, r.n, &r.attack, 32, &mut obs).map_err(|e| chain(&e))? {
+            Outcome::Done(a) => Ok(Some(Box::new(a))),
+            Outcome::Cancelled => Ok(None),
+        }
+    })();
+    Event::Router { generation, result }
 }

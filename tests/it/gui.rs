@@ -277,3 +277,87 @@ fn filters_tab_follows_the_selection() {
     h.get_by_label("Weights of fc");
     h.get_by_label_contains("Kernels of fc in standard");
 }
+
+/// A real router analysis of a small AW-Net on four bundled images (FGSM), with its router's
+/// signal heads perturbed so that signals differ from 1.
+fn router_analysis() -> Box<awnet_lab::analysis::router::RouterAnalysis> {
+    use awnet_lab::attack::{AttackConfig, AttackKind};
+    use awnet_lab::model::{Arch, Model, ModelConfig, ModelKind};
+    use awnet_lab::observe::{Outcome, Silent};
+    let ds = awnet_lab::data::load(
+        awnet_lab::data::resolve::assets_dir()
+            .join("fashion-mnist-subset")
+            .to_str()
+            .unwrap(),
+        awnet_lab::data::Split::Test,
+        None,
+    )
+    .unwrap();
+    let mut c = ModelConfig::new(Arch::SmallCnn, ModelKind::Awnet, 1, 28, 10);
+    c.width = 4;
+    let m = Model::new(c, 3, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    for (name, var) in m.named_vars() {
+        if name.contains("signal_heads") && name.ends_with("weight") {
+            let t = crate::common::tensor(var.dims(), 5, -0.5, 0.5, candle_core::DType::F32);
+            var.set(&t).unwrap();
+        }
+    }
+    let net = m.frozen().unwrap();
+    let Outcome::Done(r) =
+        awnet_lab::analysis::router::analyse(&net, &ds, 4, &AttackConfig::new(AttackKind::Fgsm, 0.1), 2, &mut Silent)
+            .unwrap()
+    else {
+        unreachable!()
+    };
+    Box::new(r)
+}
+
+#[test]
+fn router_analysis_adds_up() {
+    let r = router_analysis();
+    assert_eq!(
+        (r.n, r.p_adv_clean.len(), r.p_adv_adv.len(), r.images.len()),
+        (4, 4, 4, 2)
+    );
+    assert!((0.0..=1.0).contains(&r.auc));
+    assert_eq!(r.blocks.len(), 3);
+    for b in &r.blocks {
+        assert_eq!(
+            b.hist_clean.total() + b.hist_clean.outside,
+            4 * b.filter_mean_clean.len() as u64
+        );
+    }
+    let e = &r.images[0].effective;
+    assert_eq!(e.len(), 3, "three weight-varied convolutions");
+    assert_eq!(e[0].hist_base.total(), e[0].hist_adv.total());
+    // Signals were perturbed away from 1, so some filter's scaling differs between the twins.
+    assert!(e.iter().any(|x| x.most_changed[0].1 != x.most_changed[0].2));
+}
+
+#[test]
+fn router_tab_shows_results_when_the_event_arrives() {
+    let mut app = dry_app();
+    let mut aw = summary("aw");
+    aw.is_awnet = true;
+    app.models = vec![summary("standard"), aw];
+    app.settings.tab = Tab::Router;
+    let mut h = harness(app);
+    h.run_steps(4);
+    let generation = h
+        .state()
+        .sent
+        .iter()
+        .find_map(|c| match c {
+            Command::AnalyseRouter(r) => Some(r.generation),
+            _ => None,
+        })
+        .expect("opening the tab asks for an analysis of the AW-Net model");
+    assert!(h.query_by_label_contains("type accuracy").is_none());
+    h.state_mut().inject(Event::Router {
+        generation,
+        result: Ok(Some(router_analysis())),
+    });
+    h.run_steps(4);
+    h.get_by_label_contains("type accuracy");
+    h.get_by_label_contains("Effective filters W * omega");
+}
