@@ -7,6 +7,7 @@
 //! attack is any of these crafted on one model and scored on another (see `eval`).
 
 mod apgd;
+pub mod lab;
 pub mod loss;
 mod pgd;
 mod square;

@@ -362,23 +362,6 @@ fn sweep_text(reports: &[Report]) -> Result<String> {
     Ok(o)
 }
 
-/// Rounds an adversarial image to 8 bits without leaving the L-inf ball around the (8-bit)
-/// original, so the saved picture is still a valid attack input.
-fn quantise(adv: &[f32], x: &[f32], eps: f64, linf: bool) -> Vec<u8> {
-    adv.iter()
-        .zip(x)
-        .map(|(&a, &o)| {
-            let mut q = (f64::from(a) * 255.0).round();
-            if linf {
-                let lo = ((f64::from(o) - eps) * 255.0 - 1e-6).ceil();
-                let hi = ((f64::from(o) + eps) * 255.0 + 1e-6).floor();
-                q = q.clamp(lo, hi);
-            }
-            q.clamp(0.0, 255.0) as u8
-        })
-        .collect()
-}
-
 fn describe(model: &Model, xs: &Tensor) -> Result<serde_json::Value> {
     let out = model.forward(xs, Mode::Eval)?;
     let probs = candle_nn::ops::softmax(&out.logits, D::Minus1)?
@@ -440,7 +423,7 @@ pub fn run_attack(a: &AttackArgs) -> Result<()> {
         bail!("attack stopped");
     };
     let adv: Vec<f32> = run.adv.flatten_all()?.to_vec1::<f32>()?;
-    let saved = quantise(&adv, &x, eps, cfg.threat == attack::Threat::Linf);
+    let saved = attack::lab::quantise(&adv, &x, eps, cfg.threat == attack::Threat::Linf);
     image::save_png(&a.out, &saved, c.in_channels, c.image_size, c.image_size)?;
     let saved_f: Vec<f32> = saved.iter().map(|&p| f32::from(p) / 255.0).collect();
     let saved_t = Tensor::from_vec(saved_f.clone(), xs.shape(), &Device::Cpu)?;
@@ -503,18 +486,4 @@ pub fn run_attack(a: &AttackArgs) -> Result<()> {
         o
     };
     emit(&text)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::quantise;
-
-    #[test]
-    fn quantised_images_stay_in_the_ball() {
-        let x = [10.0 / 255.0, 0.0, 1.0];
-        let adv = [10.0 / 255.0 + 0.1, 0.1, 0.9];
-        let q = quantise(&adv, &x, 0.1, true);
-        // 0.1 is 25.5/255: rounding up would leave the ball, so 25 steps it is.
-        assert_eq!(q, vec![35, 25, 230]);
-    }
 }

@@ -10,6 +10,7 @@ use egui::{Key, KeyboardShortcut, Modifiers, Ui};
 use serde::{Deserialize, Serialize};
 
 use super::Command;
+use super::attack_tab::{self, AttackState, AttackWorker, ImageSource};
 use super::filters_tab::{self, FiltersState};
 use super::router_tab::{self, RouterState};
 use super::train_tab::{self, TrainForm, TrainHistory, TrainView};
@@ -111,6 +112,8 @@ pub struct App {
     pub run: Option<TrainHistory>,
     pub filters: FiltersState,
     pub router: RouterState,
+    pub attack: AttackState,
+    attack_worker: Option<AttackWorker>,
     /// Cancels the Router analysis in flight.
     router_stop: StopFlag,
     /// Data set description, once resolved.
@@ -146,6 +149,8 @@ impl App {
             run: None,
             filters: FiltersState::default(),
             router: RouterState::default(),
+            attack: AttackState::default(),
+            attack_worker: None,
             router_stop: StopFlag::default(),
             data_description: None,
             dry_run: false,
@@ -242,6 +247,20 @@ impl App {
             self.frame_ms.pop_front();
         }
         self.frame_ms.push_back(started.elapsed().as_secs_f32() * 1000.0);
+    }
+
+    /// A dropped picture goes to the Attack lab; anything else is opened as a model.
+    pub fn open_dropped(&mut self, p: PathBuf) {
+        let ext = p
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase())
+            .unwrap_or_default();
+        if ["png", "jpg", "jpeg", "bmp", "gif", "webp"].contains(&ext.as_str()) {
+            self.attack.source = Some(ImageSource::File(p));
+            self.settings.tab = Tab::AttackLab;
+        } else {
+            self.outbox.push(Command::OpenModel(p));
+        }
     }
 
     fn shortcuts(&mut self, ui: &Ui) {
@@ -454,10 +473,13 @@ impl App {
                 &self.settings.data,
                 &mut self.outbox,
             ),
-            Tab::AttackLab => {
-                ui.heading("Attack lab");
-                ui.label("Interactive attacks on one image: not built yet (issue 7); `awnet attack` does it from the command line.");
-            }
+            Tab::AttackLab => attack_tab::show(
+                ui,
+                &mut self.attack,
+                &self.models,
+                &self.settings.data,
+                &mut self.outbox,
+            ),
         }
     }
 
@@ -563,11 +585,46 @@ impl App {
                     PickPurpose::TeacherRobust => self.settings.train.teacher_robust = text,
                     PickPurpose::TrainOutput => self.settings.train.out = text,
                     PickPurpose::DataFolder => self.outbox.push(Command::SetData(text)),
+                    PickPurpose::AttackImage => self.attack.source = Some(ImageSource::File(path)),
+                    PickPurpose::SaveAttack => {
+                        let Some(o) = &self.attack.output else { return };
+                        let (result, tx, waker) = (o.result.clone(), self.tx.clone(), self.waker.clone());
+                        let provenance = serde_json::json!({
+                            "model": self.attack.submitted.as_ref().map(|j| j.model.clone()),
+                            "image": o.source, "label": o.label_source,
+                        });
+                        self.pending_jobs += 1;
+                        worker::spawn_job("awnet-save", tx, waker, move || {
+                            match crate::attack::lab::save(&result, &path, provenance) {
+                                Ok(paths) => Event::Notice(format!(
+                                    "saved {}",
+                                    paths
+                                        .iter()
+                                        .map(|p| p.display().to_string())
+                                        .collect::<Vec<_>>()
+                                        .join(", ")
+                                )),
+                                Err(e) => Event::Error(format!("cannot save the attack: {}", worker::chain(&e))),
+                            }
+                        });
+                    }
                 }
             }
             Event::DataDescribed(d) => {
                 self.pending_jobs = self.pending_jobs.saturating_sub(1);
                 self.data_description = Some(d);
+            }
+            Event::Attack { generation, result } => {
+                if self.attack.accept(generation, result.map(|o| o.map(|b| *b)))
+                    && let Some(e) = &self.attack.error
+                {
+                    let text = format!("the attack failed: {e}");
+                    self.notify(text, true);
+                }
+            }
+            Event::Notice(text) => {
+                self.pending_jobs = self.pending_jobs.saturating_sub(1);
+                self.notify(text, false);
             }
             Event::RouterProgress { generation, progress } => {
                 if self.router.is_current(generation) {
@@ -674,6 +731,13 @@ impl App {
                             .set_file_name("run.safetensors")
                             .save_file(),
                         PickPurpose::DataFolder => dialog.pick_folder(),
+                        PickPurpose::AttackImage => dialog
+                            .add_filter("picture", &["png", "jpg", "jpeg", "bmp", "gif", "webp"])
+                            .pick_file(),
+                        PickPurpose::SaveAttack => dialog
+                            .add_filter("PNG", &["png"])
+                            .set_file_name("adversarial.png")
+                            .save_file(),
                     };
                     Event::Picked(purpose, path)
                 });
@@ -708,6 +772,17 @@ impl App {
                 });
             }
             Command::CancelRouter => self.router_stop.raise(),
+            Command::Attack(job) => {
+                if self.attack_worker.is_none() {
+                    match AttackWorker::spawn(tx, waker) {
+                        Ok(w) => self.attack_worker = Some(w),
+                        Err(e) => return self.notify(format!("cannot start the attack thread: {e}"), true),
+                    }
+                }
+                if let Some(w) = &self.attack_worker {
+                    w.submit(job);
+                }
+            }
             Command::Notify(text) => self.notify(text, true),
         }
     }
@@ -719,7 +794,11 @@ impl App {
             return;
         }
         // The content is computed when no job is pending; a few calm frames let layout settle.
-        if self.pending_jobs == 0 && self.outbox.is_empty() {
+        let ready = match self.settings.tab {
+            Tab::AttackLab => self.attack.output.is_some() || self.attack.error.is_some() || self.models.is_empty(),
+            _ => true,
+        };
+        if self.pending_jobs == 0 && self.outbox.is_empty() && ready {
             s.calm_frames += 1;
         } else {
             s.calm_frames = 0;

@@ -5,6 +5,7 @@
 //! [`Command`]s, handled in one place ([`App::execute`]).
 
 pub mod app;
+pub mod attack_tab;
 pub mod filters_tab;
 pub mod router_tab;
 pub mod train_tab;
@@ -27,6 +28,7 @@ pub enum Command {
     AnalyseFilters(filters_tab::FiltersRequest),
     AnalyseRouter(router_tab::RouterRequest),
     CancelRouter,
+    Attack(attack_tab::AttackJob),
     /// Show a message to the user.
     Notify(String),
 }

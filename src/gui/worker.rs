@@ -31,6 +31,13 @@ pub enum Event {
     /// A file dialog closed: what it was for, and the file picked (if any).
     Picked(PickPurpose, Option<PathBuf>),
     ScreenshotSaved(Result<PathBuf, String>),
+    /// The Attack lab's job `generation`; `None` when a newer job replaced it mid-attack.
+    Attack {
+        generation: u64,
+        result: Result<Option<Box<super::attack_tab::AttackOutput>>, String>,
+    },
+    /// Something worth telling the user that is not an error (a file saved, say).
+    Notice(String),
     /// How far the Router analysis of request `generation` has got.
     RouterProgress {
         generation: u64,
@@ -56,6 +63,8 @@ pub enum PickPurpose {
     TeacherRobust,
     TrainOutput,
     DataFolder,
+    AttackImage,
+    SaveAttack,
 }
 
 /// The window's view of an open model: numbers and text, no tensors.

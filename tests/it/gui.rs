@@ -361,3 +361,94 @@ fn router_tab_shows_results_when_the_event_arrives() {
     h.get_by_label_contains("type accuracy");
     h.get_by_label_contains("Effective filters W * omega");
 }
+
+fn attack_jobs(h: &Harness<App>) -> Vec<awnet_lab::gui::attack_tab::AttackJob> {
+    h.state()
+        .sent
+        .iter()
+        .filter_map(|c| match c {
+            Command::Attack(j) => Some(j.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A real attack result for the fake events: PGD on a bundled picture with a small model.
+fn lab_output(eps: f64) -> Box<awnet_lab::gui::attack_tab::AttackOutput> {
+    use awnet_lab::attack::{AttackConfig, AttackKind};
+    use awnet_lab::model::{Arch, Model, ModelConfig, ModelKind};
+    use awnet_lab::observe::Outcome;
+    let mut c = ModelConfig::new(Arch::SmallCnn, ModelKind::Static, 1, 28, 10);
+    c.width = 4;
+    let net = Model::new(c, 1, candle_core::DType::F32, &candle_core::Device::Cpu)
+        .unwrap()
+        .frozen()
+        .unwrap();
+    let img = awnet_lab::data::image::load(&awnet_lab::gui::attack_tab::gallery()[0], 1, 28).unwrap();
+    let mut cfg = AttackConfig::new(AttackKind::Pgd, eps);
+    cfg.steps = Some(5);
+    let Outcome::Done(result) =
+        awnet_lab::attack::lab::attack_one(&net, None, &img.pixels, 1, 28, Some(0), &cfg, &|| false).unwrap()
+    else {
+        unreachable!()
+    };
+    Box::new(awnet_lab::gui::attack_tab::AttackOutput {
+        result,
+        class_names: (0..10).map(|i| format!("class {i}")).collect(),
+        source: "bundled picture".into(),
+        label_source: "given".into(),
+    })
+}
+
+#[test]
+fn moving_eps_issues_a_new_attack_and_old_results_are_ignored() {
+    let mut app = dry_app();
+    app.models = vec![summary("standard")];
+    app.settings.tab = Tab::AttackLab;
+    let mut h = harness(app);
+    h.run_steps(4);
+    let first = attack_jobs(&h);
+    assert_eq!(first.len(), 1, "opening the tab attacks the first gallery picture");
+    assert_eq!(first[0].config.eps, 0.1);
+
+    // Drag the eps slider: its value changes, and a new job goes out.
+    let slider = h.get_by_role_and_label(egui::Role::Slider, "eps");
+    slider.focus();
+    h.run_steps(2);
+    h.key_press(egui::Key::ArrowRight);
+    h.run_steps(4);
+    let jobs = attack_jobs(&h);
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    assert!(jobs[1].config.eps > 0.1);
+    assert!(jobs[1].generation > jobs[0].generation);
+
+    // The old job's result arrives late: ignored. The new one's is shown.
+    h.state_mut().inject(Event::Attack {
+        generation: jobs[0].generation,
+        result: Ok(Some(lab_output(0.1))),
+    });
+    h.run_steps(4);
+    assert!(h.state().attack.output.is_none());
+    h.state_mut().inject(Event::Attack {
+        generation: jobs[1].generation,
+        result: Ok(Some(lab_output(jobs[1].config.eps))),
+    });
+    h.run_steps(4);
+    assert!(h.state().attack.output.is_some());
+    h.get_by_label_contains("The attack's objective per iteration");
+}
+
+#[test]
+fn a_saved_adversarial_png_decodes_to_exactly_its_pixels() {
+    let out = lab_output(8.0 / 255.0);
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("adv.png");
+    let paths = awnet_lab::attack::lab::save(&out.result, &png, serde_json::json!({})).unwrap();
+    assert_eq!(paths.len(), 3);
+    let decoded = image::open(&png).unwrap().to_luma8().into_raw();
+    assert_eq!(decoded, out.result.adversarial);
+    assert!(out.result.linf <= 8.0 / 255.0 + 1e-9);
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(&paths[2]).unwrap()).unwrap();
+    assert_eq!(record["result"]["settings"]["eps"], serde_json::json!(8.0 / 255.0));
+    assert!(paths[1].is_file());
+}
