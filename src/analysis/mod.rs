@@ -4,5 +4,6 @@
 pub mod filters;
 pub mod router;
 pub mod stats;
+pub mod tradeoff;
 
 pub use stats::{Histogram, Summary, wasserstein1};

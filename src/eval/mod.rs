@@ -5,7 +5,7 @@
 //! The images are the first `n` of the dataset split, in order. Attacks run only on the examples
 //! the model classifies correctly when clean (the others count as non-robust anyway).
 
-mod checks;
+pub mod checks;
 pub mod roc;
 
 use std::time::Instant;

@@ -13,6 +13,7 @@ use super::Command;
 use super::attack_tab::{self, AttackState, AttackWorker, ImageSource};
 use super::filters_tab::{self, FiltersState};
 use super::router_tab::{self, RouterState};
+use super::tradeoff_tab::{self, TradeOffState};
 use super::train_tab::{self, TrainForm, TrainHistory, TrainView};
 use super::worker::{self, Event, ModelSummary, PickPurpose, TrainWorker, Waker};
 use crate::observe::StopFlag;
@@ -113,6 +114,8 @@ pub struct App {
     pub filters: FiltersState,
     pub router: RouterState,
     pub attack: AttackState,
+    pub tradeoff: TradeOffState,
+    tradeoff_stop: StopFlag,
     attack_worker: Option<AttackWorker>,
     /// Cancels the Router analysis in flight.
     router_stop: StopFlag,
@@ -150,6 +153,8 @@ impl App {
             filters: FiltersState::default(),
             router: RouterState::default(),
             attack: AttackState::default(),
+            tradeoff: TradeOffState::default(),
+            tradeoff_stop: StopFlag::default(),
             attack_worker: None,
             router_stop: StopFlag::default(),
             data_description: None,
@@ -448,22 +453,15 @@ impl App {
                 );
             }
             Tab::TradeOff => {
-                ui.heading("Clean vs robust accuracy of the open models");
-                ui.label("Each model's latest held-out record (its label below); the dashed lines have equal W-Robust = (clean + robust) / 2.");
-                for m in &self.models {
-                    match m.trade_off_point() {
-                        Some((c, r, label)) => ui.label(format!(
-                            "{}: clean {:.2}%, robust {:.2}%, W-Robust {:.2}%, robust under {label}",
-                            m.name,
-                            100.0 * c,
-                            100.0 * r,
-                            50.0 * (c + r)
-                        )),
-                        None => ui.label(format!("{}: no record in the file", m.name)),
-                    };
-                }
                 let epochs = self.run.as_ref().map(|r| r.epochs.clone()).unwrap_or_default();
-                train_tab::trade_off_plot(ui, "tab_trade_off", &epochs, &self.models);
+                tradeoff_tab::show(
+                    ui,
+                    &mut self.tradeoff,
+                    &self.models,
+                    &epochs,
+                    &self.settings.data,
+                    &mut self.outbox,
+                );
             }
             Tab::Filters => filters_tab::show(ui, &mut self.filters, &self.models, &mut self.outbox),
             Tab::Router => router_tab::show(
@@ -626,9 +624,26 @@ impl App {
                 self.pending_jobs = self.pending_jobs.saturating_sub(1);
                 self.notify(text, false);
             }
-            Event::RouterProgress { generation, progress } => {
-                if self.router.is_current(generation) {
-                    self.router.progress = Some(progress);
+            Event::JobProgress {
+                job,
+                generation,
+                progress,
+            } => match job {
+                worker::Job::Router if self.router.is_current(generation) => self.router.progress = Some(progress),
+                worker::Job::TradeOff if self.tradeoff.generation == generation => {
+                    self.tradeoff.progress = Some(progress)
+                }
+                _ => {}
+            },
+            Event::TradeOff { generation, result } => {
+                self.pending_jobs = self.pending_jobs.saturating_sub(1);
+                if self.tradeoff.generation == generation {
+                    self.tradeoff.progress = None;
+                    match result {
+                        Ok(Some(curves)) => self.tradeoff.curves = curves,
+                        Ok(None) => {}
+                        Err(e) => self.notify(format!("the accuracy-vs-eps sweep failed: {e}"), true),
+                    }
                 }
             }
             Event::Router { generation, result } => {
@@ -772,6 +787,17 @@ impl App {
                 });
             }
             Command::CancelRouter => self.router_stop.raise(),
+            Command::Sweep(request) => {
+                self.tradeoff_stop.raise();
+                self.tradeoff_stop = StopFlag::default();
+                let stop = self.tradeoff_stop.clone();
+                self.pending_jobs += 1;
+                let (tx2, waker2) = (tx.clone(), waker.clone());
+                worker::spawn_job("awnet-sweep", tx, waker, move || {
+                    worker::sweep_models(&request, tx2, waker2, stop)
+                });
+            }
+            Command::CancelSweep => self.tradeoff_stop.raise(),
             Command::Attack(job) => {
                 if self.attack_worker.is_none() {
                     match AttackWorker::spawn(tx, waker) {

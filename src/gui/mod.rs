@@ -8,6 +8,7 @@ pub mod app;
 pub mod attack_tab;
 pub mod filters_tab;
 pub mod router_tab;
+pub mod tradeoff_tab;
 pub mod train_tab;
 pub mod worker;
 
@@ -28,6 +29,8 @@ pub enum Command {
     AnalyseFilters(filters_tab::FiltersRequest),
     AnalyseRouter(router_tab::RouterRequest),
     CancelRouter,
+    Sweep(tradeoff_tab::SweepRequest),
+    CancelSweep,
     Attack(attack_tab::AttackJob),
     /// Show a message to the user.
     Notify(String),

@@ -38,10 +38,16 @@ pub enum Event {
     },
     /// Something worth telling the user that is not an error (a file saved, say).
     Notice(String),
-    /// How far the Router analysis of request `generation` has got.
-    RouterProgress {
+    /// How far a long analysis (Router, Trade-off) of request `generation` has got.
+    JobProgress {
+        job: Job,
         generation: u64,
         progress: Progress,
+    },
+    /// Accuracy against eps for the open models, for request `generation`; `None` if cancelled.
+    TradeOff {
+        generation: u64,
+        result: Result<Option<Vec<crate::analysis::tradeoff::Curve>>, String>,
     },
     /// The Router analysis of request `generation`; `None` when it was cancelled.
     Router {
@@ -53,6 +59,13 @@ pub enum Event {
         generation: u64,
         result: Result<Box<crate::analysis::filters::FiltersAnalysis>, String>,
     },
+}
+
+/// The long analyses that report progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Job {
+    Router,
+    TradeOff,
 }
 
 /// What a file dialog was opened for.
@@ -294,6 +307,7 @@ pub fn analyse_filters(
 }
 
 struct JobObserver {
+    job: Job,
     tx: Sender<Event>,
     waker: Waker,
     stop: StopFlag,
@@ -305,7 +319,8 @@ impl Observer for JobObserver {
         send(
             &self.tx,
             &self.waker,
-            Event::RouterProgress {
+            Event::JobProgress {
+                job: self.job,
                 generation: self.generation,
                 progress: p.clone(),
             },
@@ -331,6 +346,7 @@ pub fn analyse_router(r: &super::router_tab::RouterRequest, tx: Sender<Event>, w
         )
         .map_err(|e| chain(&e))?;
         let mut obs = JobObserver {
+            job: Job::Router,
             tx,
             waker,
             stop,
@@ -342,4 +358,36 @@ pub fn analyse_router(r: &super::router_tab::RouterRequest, tx: Sender<Event>, w
         }
     })();
     Event::Router { generation, result }
+}
+
+/// Sweeps eps for every model of a Trade-off request.
+pub fn sweep_models(r: &super::tradeoff_tab::SweepRequest, tx: Sender<Event>, waker: Waker, stop: StopFlag) -> Event {
+    let generation = r.generation;
+    let mut obs = JobObserver {
+        job: Job::TradeOff,
+        tx,
+        waker,
+        stop,
+        generation,
+    };
+    let mut curves = Vec::new();
+    let result = (|| -> Result<Option<Vec<crate::analysis::tradeoff::Curve>>, String> {
+        for p in &r.models {
+            let m = checkpoint::open(p).map_err(|e| chain(&e))?;
+            let ds = crate::data::load(
+                &r.data,
+                crate::data::Split::Test,
+                Some((m.config.in_channels, m.config.image_size)),
+            )
+            .map_err(|e| chain(&e))?;
+            match crate::analysis::tradeoff::sweep_model(&m, &ds, r.n, &r.attack, &r.eps, &mut obs)
+                .map_err(|e| chain(&e))?
+            {
+                Outcome::Done(c) => curves.push(c),
+                Outcome::Cancelled => return Ok(None),
+            }
+        }
+        Ok(Some(curves))
+    })();
+    Event::TradeOff { generation, result }
 }

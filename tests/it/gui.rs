@@ -178,7 +178,7 @@ fn tabs_switch_by_click() {
     h.get_by_label("Trade-off").click();
     h.run_steps(4);
     assert_eq!(h.state().settings.tab, Tab::TradeOff);
-    h.get_by_label_contains("Clean vs robust accuracy of the open models");
+    h.get_by_label_contains("Accuracy against eps");
 }
 
 fn summary(name: &str) -> awnet_lab::gui::worker::ModelSummary {
@@ -451,4 +451,59 @@ fn a_saved_adversarial_png_decodes_to_exactly_its_pixels() {
     let record: serde_json::Value = serde_json::from_slice(&std::fs::read(&paths[2]).unwrap()).unwrap();
     assert_eq!(record["result"]["settings"]["eps"], serde_json::json!(8.0 / 255.0));
     assert!(paths[1].is_file());
+}
+
+/// Accuracy against eps on the shipped standard model: the clean accuracy at eps 0, and never
+/// rising with eps.
+#[test]
+fn trade_off_curve_starts_at_clean_accuracy_and_never_rises() {
+    use awnet_lab::attack::{AttackConfig, AttackKind};
+    let m = awnet_lab::model::checkpoint::open(&crate::common::repo().join("models/standard.safetensors")).unwrap();
+    let ds = awnet_lab::data::load(
+        awnet_lab::data::resolve::assets_dir()
+            .join("fashion-mnist-subset")
+            .to_str()
+            .unwrap(),
+        awnet_lab::data::Split::Test,
+        None,
+    )
+    .unwrap();
+    let mut cfg = AttackConfig::new(AttackKind::Pgd, 0.0);
+    cfg.steps = Some(5);
+    let eps = [0.0, 0.01, 0.03, 0.1];
+    let awnet_lab::observe::Outcome::Done(c) =
+        awnet_lab::analysis::tradeoff::sweep_model(&m, &ds, 60, &cfg, &eps, &mut awnet_lab::observe::Silent).unwrap()
+    else {
+        unreachable!()
+    };
+    assert_eq!(c.points.len(), 4);
+    assert_eq!(c.points[0].1, c.clean_accuracy);
+    assert!(c.clean_accuracy > 0.5, "{c:?}");
+    for w in c.points.windows(2) {
+        assert!(w[1].1 <= w[0].1, "{:?}", c.points);
+    }
+    assert!(!c.checks.is_empty());
+}
+
+#[test]
+fn compute_asks_for_a_sweep_of_every_open_model() {
+    let mut app = dry_app();
+    app.models = vec![summary("standard"), summary("robust")];
+    app.settings.tab = Tab::TradeOff;
+    let mut h = harness(app);
+    h.run_steps(4);
+    h.get_by_label("Compute").click();
+    h.run_steps(4);
+    let sweeps: Vec<_> = h
+        .state()
+        .sent
+        .iter()
+        .filter_map(|c| match c {
+            Command::Sweep(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sweeps.len(), 1);
+    assert_eq!(sweeps[0].models.len(), 2);
+    assert_eq!(sweeps[0].eps, vec![0.0, 0.025, 0.05, 0.1, 0.15, 0.2]);
 }
