@@ -186,14 +186,9 @@ pub fn scale_channels(ys: &Tensor, signal: &Tensor) -> Result<Tensor> {
 }
 
 /// 2x2 max pooling with stride 2, `[b, c, h, w] -> [b, c, h/2, w/2]`; `h` and `w` must be even.
-///
-/// Written as reshape + `max` because candle's `max_pool2d` backward scales gradients by 1/4.
+/// Not candle's `max_pool2d`, whose backward scales gradients by 1/4 (see `fused`).
 pub fn max_pool2x2(xs: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = xs.dims4()?;
-    if h % 2 != 0 || w % 2 != 0 {
-        candle_core::bail!("2x2 max pooling needs even sides, got {h}x{w}");
-    }
-    xs.reshape((b, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)
+    super::fused::max_pool2x2(xs)
 }
 
 /// Mean over the spatial axes, `[b, c, h, w] -> [b, c]`.

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod conv;
+pub mod fused;
 pub mod init;
 pub mod layers;
 pub mod norm;

@@ -56,6 +56,23 @@ impl Norm {
     }
 }
 
+impl Norm {
+    /// In eval mode, the normalisation as `z * scale + shift`: `[c]` coefficients for a single
+    /// BN, `[b, c]` for MixBN's soft mix; `None` in training mode.
+    pub fn eval_affine(&self, ctx: &NormCtx) -> Result<Option<(Tensor, Tensor)>> {
+        match (self, ctx.mode) {
+            (_, Mode::Train(_)) => Ok(None),
+            (Self::Single(bn), Mode::Eval) => bn.affine().map(Some),
+            (Self::Mix { clean, adv }, Mode::Eval) => {
+                let p_clean = ctx
+                    .p_clean
+                    .ok_or_else(|| candle_core::Error::Msg("MixBN needs type probabilities".into()))?;
+                mix_affine(clean, adv, p_clean).map(Some)
+            }
+        }
+    }
+}
+
 /// Per-sample affine form of the soft mix, `[b, c]` each. Both eval-mode BNs are affine, so the
 /// mix is affine with mixed coefficients. Written as `adv + p_clean * (clean - adv)` so that two
 /// equal BNs give exactly the single BN's coefficients.

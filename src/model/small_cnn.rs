@@ -76,13 +76,10 @@ impl SmallCnn {
 
     /// `xs`: `[b, c, s, s]`; `signals`: one `[b, n_j]` per block, or none for a static model.
     pub fn forward(&self, xs: &Tensor, signals: Option<&[Tensor]>, ctx: &NormCtx) -> Result<Tensor> {
-        let mut h = self.stem_bn.forward(&self.stem.forward(xs)?, ctx)?.relu()?;
+        let mut h = norm_relu(&self.stem_bn, &self.stem.forward(xs)?, None, ctx)?;
         for (j, block) in self.blocks.iter().enumerate() {
-            let mut z = block.conv.forward(&h)?;
-            if let Some(signals) = signals {
-                z = scale_channels(&z, &signals[j])?;
-            }
-            h = block.bn.forward(&z, ctx)?.relu()?;
+            let z = block.conv.forward(&h)?;
+            h = norm_relu(&block.bn, &z, signals.map(|s| &s[j]), ctx)?;
             if block.pool {
                 h = max_pool2x2(&h)?;
             }
@@ -109,5 +106,34 @@ impl SmallCnn {
 
     pub fn classifier(&self) -> (&'static str, &Linear) {
         ("fc", &self.fc)
+    }
+}
+
+/// `relu(norm(z * signal))`. In eval mode the normalisation is affine, so the signal folds into
+/// its scale and the whole tail is one fused pass; training mode uses batch statistics.
+fn norm_relu(norm: &Norm, z: &Tensor, signal: Option<&Tensor>, ctx: &NormCtx) -> Result<Tensor> {
+    match norm.eval_affine(ctx)? {
+        Some((scale, shift)) => match signal {
+            Some(s) => {
+                let b = s.dim(0)?;
+                let (scale, shift) = if scale.rank() == 1 {
+                    (
+                        s.broadcast_mul(&scale.unsqueeze(0)?)?,
+                        shift.unsqueeze(0)?.repeat((b, 1))?,
+                    )
+                } else {
+                    (s.mul(&scale)?, shift)
+                };
+                super::fused::affine_relu(z, &scale, &shift)
+            }
+            None => super::fused::affine_relu(z, &scale, &shift),
+        },
+        None => {
+            let z = match signal {
+                Some(s) => scale_channels(z, s)?,
+                None => z.clone(),
+            };
+            norm.forward(&z, ctx)?.relu()
+        }
     }
 }

@@ -1,0 +1,309 @@
+//! Fused CPU kernels for the elementwise tail of a block: `relu(x * scale + shift)` (eval-mode
+//! BatchNorm or MixBN, with AW-Net's channel signals folded into `scale`) and 2x2 max pooling.
+//! candle runs each as several passes over the activations forward and more backward; these run
+//! one pass each way and compute only the gradients that are needed. f32 on the CPU; other
+//! tensors take the plain candle ops, which agree to rounding.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, bail};
+use rayon::prelude::*;
+
+/// A contiguous f32 CPU view of a tensor for the duration of `f`.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+        bail!("fused kernels take f32 CPU tensors")
+    };
+    let (a, b) = layout.contiguous_offsets().expect("contiguous");
+    f(&data[a..b])
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else {
+        bail!("fused kernels take f32 tensors")
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("fused kernels take contiguous tensors")
+    };
+    Ok(&data[a..b])
+}
+
+/// `relu(x * scale + shift)`; `scale` and `shift` are `[b, c]` (per sample) or `[c]`.
+struct AffineRelu;
+
+/// Index of the coefficient for (sample, channel).
+fn coef(per_sample: bool, c: usize, bi: usize, ci: usize) -> usize {
+    if per_sample { bi * c + ci } else { ci }
+}
+
+impl CustomOp3 for AffineRelu {
+    fn name(&self) -> &'static str {
+        "awnet-affine-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, scale, shift) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (_, c, h, w) = l1.shape().dims4()?;
+        let per_sample = l2.dims().len() == 2;
+        let hw = h * w;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(hw)
+            .zip(x.par_chunks(hw))
+            .enumerate()
+            .for_each(|(p, (y, x))| {
+                let k = coef(per_sample, c, p / c, p % c);
+                let (a, s) = (scale[k], shift[k]);
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = (x * a + s).max(0.0);
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        shift: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, c, h, w) = x.dims4()?;
+        let hw = h * w;
+        let per_sample = scale.rank() == 2;
+        let want = (x.track_op(), scale.track_op() || shift.track_op());
+        // g = dy where y > 0; per (sample, channel) plane: sum g and sum g * x.
+        let (dx, sums) = with_f32(dy, |dy| {
+            with_f32(y, |y| {
+                with_f32(x, |xv| {
+                    with_f32(scale, |sc| {
+                        let plane = |p: usize, dx: Option<&mut [f32]>| -> (f32, f32) {
+                            let a = sc[coef(per_sample, c, p / c, p % c)];
+                            let r = p * hw..(p + 1) * hw;
+                            let (dy, y, xv) = (&dy[r.clone()], &y[r.clone()], &xv[r]);
+                            let (mut sg, mut sgx) = (0f32, 0f32);
+                            match dx {
+                                Some(dx) => {
+                                    for i in 0..hw {
+                                        let g = if y[i] > 0.0 { dy[i] } else { 0.0 };
+                                        dx[i] = g * a;
+                                        sg += g;
+                                        sgx += g * xv[i];
+                                    }
+                                }
+                                None => {
+                                    for i in 0..hw {
+                                        let g = if y[i] > 0.0 { dy[i] } else { 0.0 };
+                                        sg += g;
+                                        sgx += g * xv[i];
+                                    }
+                                }
+                            }
+                            (sg, sgx)
+                        };
+                        if want.0 {
+                            let mut dx = vec![0f32; b * c * hw];
+                            let sums = dx
+                                .par_chunks_mut(hw)
+                                .enumerate()
+                                .map(|(p, d)| plane(p, Some(d)))
+                                .collect();
+                            Ok((Some(dx), sums))
+                        } else if want.1 {
+                            Ok((None, (0..b * c).into_par_iter().map(|p| plane(p, None)).collect()))
+                        } else {
+                            Ok((None, Vec::new()))
+                        }
+                    })
+                })
+            })
+        })?;
+        let dev = x.device();
+        let dx = dx.map(|v| Tensor::from_vec(v, (b, c, h, w), dev)).transpose()?;
+        let coefs = |pick: fn(&(f32, f32)) -> f32| -> Result<Tensor> {
+            let per: Vec<f32> = sums.iter().map(pick).collect();
+            let t = Tensor::from_vec(per, (b, c), dev)?;
+            if per_sample { Ok(t) } else { t.sum(0) }
+        };
+        let dscale = if scale.track_op() { Some(coefs(|s| s.1)?) } else { None };
+        let dshift = if shift.track_op() { Some(coefs(|s| s.0)?) } else { None };
+        Ok((dx, dscale, dshift))
+    }
+}
+
+fn fusable(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// `relu(x * scale + shift)` for `x` `[b, c, h, w]` and `scale`, `shift` both `[b, c]` or both `[c]`.
+pub fn affine_relu(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+    let (b, c, _, _) = x.dims4()?;
+    let per_sample = match (scale.dims(), shift.dims()) {
+        ([bs, cs], [bh, ch]) if (*bs, *cs, *bh, *ch) == (b, c, b, c) => true,
+        ([cs], [ch]) if (*cs, *ch) == (c, c) => false,
+        (s, h) => bail!("affine_relu: coefficients {s:?} and {h:?} for input {:?}", x.dims()),
+    };
+    if !fusable(&[x, scale, shift]) {
+        let shape = if per_sample { (b, c, 1, 1) } else { (1, c, 1, 1) };
+        return x
+            .broadcast_mul(&scale.reshape(shape)?)?
+            .broadcast_add(&shift.reshape(shape)?)?
+            .relu();
+    }
+    x.contiguous()?
+        .apply_op3(&scale.contiguous()?, &shift.contiguous()?, AffineRelu)
+}
+
+/// 2x2 max pooling with stride 2; the gradient goes to the first maximum of each window.
+struct MaxPool2x2;
+
+impl CustomOp1 for MaxPool2x2 {
+    fn name(&self) -> &'static str {
+        "awnet-max-pool-2x2"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let (b, c, h, w) = l.shape().dims4()?;
+        let (ho, wo) = (h / 2, w / 2);
+        let mut y = vec![0f32; b * c * ho * wo];
+        y.par_chunks_mut(ho * wo).zip(x.par_chunks(h * w)).for_each(|(y, x)| {
+            for i in 0..ho {
+                for j in 0..wo {
+                    let (r0, r1) = (&x[2 * i * w..], &x[(2 * i + 1) * w..]);
+                    y[i * wo + j] = r0[2 * j].max(r0[2 * j + 1]).max(r1[2 * j]).max(r1[2 * j + 1]);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), Shape::from((b, c, ho, wo))))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        if !x.track_op() {
+            return Ok(None);
+        }
+        let (b, c, h, w) = x.dims4()?;
+        let (ho, wo) = (h / 2, w / 2);
+        let dx = with_f32(x, |x| {
+            with_f32(dy, |dy| {
+                let mut dx = vec![0f32; x.len()];
+                dx.par_chunks_mut(h * w)
+                    .zip(x.par_chunks(h * w))
+                    .zip(dy.par_chunks(ho * wo))
+                    .for_each(|((dx, x), dy)| {
+                        for i in 0..ho {
+                            for j in 0..wo {
+                                let at = [
+                                    2 * i * w + 2 * j,
+                                    2 * i * w + 2 * j + 1,
+                                    (2 * i + 1) * w + 2 * j,
+                                    (2 * i + 1) * w + 2 * j + 1,
+                                ];
+                                let best = at.into_iter().fold(at[0], |m, k| if x[k] > x[m] { k } else { m });
+                                dx[best] = dy[i * wo + j];
+                            }
+                        }
+                    });
+                Ok(dx)
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(dx, (b, c, h, w), x.device())?))
+    }
+}
+
+/// 2x2 max pooling with stride 2, `[b, c, h, w] -> [b, c, h/2, w/2]`; `h` and `w` even.
+pub fn max_pool2x2(xs: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = xs.dims4()?;
+    if h % 2 != 0 || w % 2 != 0 {
+        bail!("2x2 max pooling needs even sides, got {h}x{w}");
+    }
+    if !fusable(&[xs]) {
+        // Not candle's max_pool2d: its backward scales the gradient by 1/4.
+        return xs.reshape((b, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3);
+    }
+    xs.contiguous()?.apply_op1(MaxPool2x2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn t(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| (((i as u64 * 7919 + seed * 31) % 997) as f32) / 498.5 - 1.0)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn close(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// The fused kernels against the plain ops (f64 copies), outputs and every gradient.
+    #[test]
+    fn agree_with_the_plain_ops() {
+        for per_sample in [false, true] {
+            let (b, c) = (3, 4);
+            let coef_shape: &[usize] = if per_sample { &[b, c] } else { &[c] };
+            let x = Var::from_tensor(&t(&[b, c, 6, 4], 1)).unwrap();
+            let sc = Var::from_tensor(&t(coef_shape, 2)).unwrap();
+            let sh = Var::from_tensor(&t(coef_shape, 3)).unwrap();
+            let probe = t(&[b, c, 3, 2], 4);
+            let fused = max_pool2x2(&affine_relu(&x, &sc, &sh).unwrap()).unwrap();
+            let to64 = |v: &Var| v.as_tensor().to_dtype(DType::F64).unwrap();
+            let (x64, sc64, sh64) = (to64(&x), to64(&sc), to64(&sh));
+            let (x64, sc64, sh64) = (
+                Var::from_tensor(&x64).unwrap(),
+                Var::from_tensor(&sc64).unwrap(),
+                Var::from_tensor(&sh64).unwrap(),
+            );
+            let plain = max_pool2x2(&affine_relu(&x64, &sc64, &sh64).unwrap()).unwrap();
+            assert!(close(&fused, &plain.to_dtype(DType::F32).unwrap()) < 1e-6);
+            let g1 = (fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (plain * probe.to_dtype(DType::F64).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (a, b) in [(&x, &x64), (&sc, &sc64), (&sh, &sh64)] {
+                let ga = g1.get(a.as_tensor()).unwrap();
+                let gb = g2.get(b.as_tensor()).unwrap().to_dtype(DType::F32).unwrap();
+                assert!(close(ga, &gb) < 1e-4, "per_sample {per_sample}: {}", close(ga, &gb));
+            }
+        }
+    }
+
+    #[test]
+    fn only_needed_gradients() {
+        let x = Var::from_tensor(&t(&[2, 2, 2, 2], 1)).unwrap();
+        let (sc, sh) = (t(&[2], 2), t(&[2], 3));
+        let g = affine_relu(&x, &sc, &sh)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(g.get(x.as_tensor()).is_some());
+        assert!(g.get(&sc).is_none() && g.get(&sh).is_none());
+    }
+}
