@@ -10,6 +10,7 @@ pub mod attack;
 pub mod cli;
 pub mod data;
 pub mod eval;
+pub mod export;
 pub mod fsutil;
 pub mod gui;
 pub mod model;

@@ -2,6 +2,7 @@
 //! prints text or, with `--json`, one JSON document on stdout.
 
 mod eval;
+mod figures;
 mod info;
 mod predict;
 mod train;
@@ -48,6 +49,37 @@ pub enum Command {
     Train(TrainArgs),
     /// Open the window (what `awnet` with no command does).
     Gui(GuiArgs),
+    /// Write every figure (SVG, PNG, CSV, JSON) and a manifest, without a window.
+    Figures(FiguresArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FiguresArgs {
+    /// The model; its layers name the per-layer figures.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Models overlaid on the first (repeatable).
+    #[arg(long)]
+    pub compare: Vec<PathBuf>,
+    #[arg(long, default_value = "fashion-mnist")]
+    pub data: String,
+    /// The folder the files go to (created if needed).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value = "pgd")]
+    pub attack: crate::attack::AttackKind,
+    /// L-inf radius, e.g. 0.1 or 8/255; the eps sweep runs from 0 to twice this.
+    #[arg(long, default_value = "0.1")]
+    pub eps: String,
+    /// Attack iterations (the attack's default when not given).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// The first N test images.
+    #[arg(long, default_value_t = 200)]
+    pub n: usize,
+    /// PNG scale: 720x480 points times this.
+    #[arg(long, default_value_t = 2.0)]
+    pub scale: f64,
 }
 
 #[derive(Args, Debug, Default)]
@@ -298,6 +330,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Eval(a) => eval::run_eval(&a),
         Command::Train(a) => train::run(&a),
         Command::Attack(a) => eval::run_attack(&a),
+        Command::Figures(a) => figures::run(&a),
         Command::Gui(a) => crate::gui::run(crate::gui::StartOptions {
             models: a.model,
             tab: a.tab,

@@ -53,6 +53,8 @@ pub struct Settings {
     pub data: String,
     pub train: TrainForm,
     pub tab: Tab,
+    /// Where figures were last exported; the folder dialog opens there.
+    pub export_dir: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -63,6 +65,7 @@ impl Default for Settings {
             data: "fashion-mnist".into(),
             train: TrainForm::default(),
             tab: Tab::Train,
+            export_dir: None,
         }
     }
 }
@@ -325,6 +328,13 @@ impl App {
                     self.settings.dark = !self.settings.dark;
                 }
             });
+            if ui
+                .button("Export figures…")
+                .on_hover_text("This tab's plots as SVG, PNG (2x), CSV of the plotted data and JSON with provenance")
+                .clicked()
+            {
+                self.outbox.push(Command::Pick(PickPurpose::ExportFigures));
+            }
             ui.separator();
             for (i, t) in Tab::ALL.into_iter().enumerate() {
                 ui.selectable_value(&mut self.settings.tab, t, t.title())
@@ -584,6 +594,40 @@ impl App {
                     PickPurpose::TrainOutput => self.settings.train.out = text,
                     PickPurpose::DataFolder => self.outbox.push(Command::SetData(text)),
                     PickPurpose::AttackImage => self.attack.source = Some(ImageSource::File(path)),
+                    PickPurpose::ExportFigures => {
+                        self.settings.export_dir = Some(path.clone());
+                        let (figs, tables) = self.tab_figures();
+                        if figs.is_empty() && tables.is_empty() {
+                            self.notify("this tab has nothing to export yet", true);
+                            return;
+                        }
+                        let (tx, waker) = (self.tx.clone(), self.waker.clone());
+                        self.pending_jobs += 1;
+                        worker::spawn_job("awnet-export", tx, waker, move || {
+                            let mut n = 0;
+                            for f in &figs {
+                                match f.write_all(&path, 2.0) {
+                                    Ok(p) => n += p.len(),
+                                    Err(e) => {
+                                        return Event::Error(format!(
+                                            "export failed after {n} files: {}",
+                                            worker::chain(&e)
+                                        ));
+                                    }
+                                }
+                            }
+                            for (name, text) in &tables {
+                                if let Err(e) = crate::export::write(&path.join(name), text.as_bytes()) {
+                                    return Event::Error(format!(
+                                        "export failed after {n} files: {}",
+                                        worker::chain(&e)
+                                    ));
+                                }
+                                n += 1;
+                            }
+                            Event::Notice(format!("exported {n} files to {}", path.display()))
+                        });
+                    }
                     PickPurpose::SaveAttack => {
                         let Some(o) = &self.attack.output else { return };
                         let (result, tx, waker) = (o.result.clone(), self.tx.clone(), self.waker.clone());
@@ -735,6 +779,7 @@ impl App {
                 }
             }
             Command::Pick(purpose) => {
+                let export_dir = self.settings.export_dir.clone();
                 worker::spawn_job("awnet-file-dialog", tx, waker, move || {
                     let dialog = rfd::FileDialog::new();
                     let path = match purpose {
@@ -746,6 +791,10 @@ impl App {
                             .set_file_name("run.safetensors")
                             .save_file(),
                         PickPurpose::DataFolder => dialog.pick_folder(),
+                        PickPurpose::ExportFigures => match &export_dir {
+                            Some(d) => dialog.set_directory(d).pick_folder(),
+                            None => dialog.pick_folder(),
+                        },
                         PickPurpose::AttackImage => dialog
                             .add_filter("picture", &["png", "jpg", "jpeg", "bmp", "gif", "webp"])
                             .pick_file(),
@@ -810,6 +859,69 @@ impl App {
                 }
             }
             Command::Notify(text) => self.notify(text, true),
+        }
+    }
+
+    /// The current tab's figures, from the same data it plots, and any tables as CSV.
+    pub fn tab_figures(&self) -> (Vec<crate::export::Figure>, Vec<(String, String)>) {
+        use crate::export::figures;
+        let sources = serde_json::json!(self.models.iter().map(|m| m.path.clone()).collect::<Vec<_>>());
+        let scatter = || {
+            let pts: Vec<(String, f64, f64, String)> = self
+                .models
+                .iter()
+                .filter_map(|m| {
+                    m.trade_off_point()
+                        .map(|(c, r, l)| (m.name.clone(), c, r, l.to_string()))
+                })
+                .collect();
+            figures::scatter(&pts)
+        };
+        match self.settings.tab {
+            Tab::Train => {
+                let mut figs = Vec::new();
+                if let Some(r) = &self.run
+                    && !r.epochs.is_empty()
+                {
+                    figs.push(figures::training("run", &r.epochs, serde_json::json!({"run": r.title})));
+                }
+                for m in &self.models {
+                    if !m.log.is_empty() {
+                        figs.push(figures::training(&m.name, &m.log, serde_json::json!({"file": m.path})));
+                    }
+                }
+                figs.push(scatter());
+                (figs, Vec::new())
+            }
+            Tab::Filters => match &self.filters.result {
+                Some(a) => (
+                    figures::filters(a, self.filters.density, sources),
+                    vec![("layer-statistics.csv".into(), figures::layer_table_csv(a))],
+                ),
+                None => (Vec::new(), Vec::new()),
+            },
+            Tab::Router => match (&self.router.result, &self.router.requested) {
+                (Some(a), Some(q)) => {
+                    let name = q
+                        .model
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    (
+                        figures::router(a, &name, serde_json::json!({"file": q.model, "data": q.data})),
+                        Vec::new(),
+                    )
+                }
+                _ => (Vec::new(), Vec::new()),
+            },
+            Tab::TradeOff => {
+                let mut figs = vec![scatter()];
+                if !self.tradeoff.curves.is_empty() {
+                    figs.push(figures::accuracy_vs_eps(&self.tradeoff.curves));
+                }
+                (figs, Vec::new())
+            }
+            Tab::AttackLab => (Vec::new(), Vec::new()),
         }
     }
 

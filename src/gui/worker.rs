@@ -78,6 +78,8 @@ pub enum PickPurpose {
     DataFolder,
     AttackImage,
     SaveAttack,
+    /// A folder for the current tab's figures.
+    ExportFigures,
 }
 
 /// The window's view of an open model: numbers and text, no tensors.

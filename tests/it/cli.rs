@@ -343,3 +343,115 @@ fn train_writes_a_model_and_a_log_and_resumes() {
     let out = run(&["--method", "awnet", "--epochs", "1"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("teacher"));
 }
+
+/// `awnet figures` on the bundled model and a fresh AW-Net writes every file its manifest lists:
+/// SVGs that parse and name every series, PNGs of the requested size, CSV and JSON that read
+/// back to the plotted numbers.
+#[test]
+fn figures_writes_the_listed_files_and_they_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let aw = dir.path().join("aw.safetensors");
+    let init = std::process::Command::new(env!("CARGO_BIN_EXE_awnet"))
+        .args([
+            "init",
+            "--arch",
+            "small-cnn",
+            "--kind",
+            "awnet",
+            "--width",
+            "4",
+            "--out",
+        ])
+        .arg(&aw)
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let out = dir.path().join("figs");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_awnet"))
+        .args(["figures", "--model"])
+        .arg(crate::common::repo().join("models/standard.safetensors"))
+        .arg("--compare")
+        .arg(&aw)
+        .args([
+            "--data",
+            "fashion-mnist",
+            "--n",
+            "12",
+            "--steps",
+            "2",
+            "--scale",
+            "1",
+            "--out",
+        ])
+        .arg(&out)
+        .env("AWNET_DATA", dir.path().join("none"))
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    let files = manifest["files"].as_array().unwrap();
+    let names: Vec<&str> = files.iter().map(|f| f["file"].as_str().unwrap()).collect();
+    for want in [
+        "weights-all-layers-pooled.svg",
+        "weights-block0.conv.png",
+        "filter-norms-all-layers-pooled.csv",
+        "layer-statistics.csv",
+        "router-aw-p-adv.svg",
+        "router-aw-roc.json",
+        "router-aw-block2-signals.csv",
+        "accuracy-vs-eps.svg",
+        "trade-off-scatter.png",
+        "training-standard.json",
+    ] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    for f in &names {
+        let path = out.join(f);
+        assert!(path.is_file(), "{f} listed but not written");
+        let stem = f.rsplit_once('.').unwrap().0;
+        let json_path = out.join(format!("{stem}.json"));
+        if f.ends_with(".svg") {
+            let svg = std::fs::read_to_string(&path).unwrap();
+            let doc = roxmltree::Document::parse(&svg).unwrap_or_else(|e| panic!("{f}: {e}"));
+            let text: String = doc.descendants().filter_map(|n| n.text()).collect();
+            let fig: serde_json::Value = serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+            for s in fig["series"].as_array().unwrap() {
+                if s["style"] != "reference" {
+                    let name = s["name"].as_str().unwrap();
+                    assert!(text.contains(name), "{f} lacks the series {name}");
+                }
+            }
+        } else if f.ends_with(".png") {
+            let img = image::open(&path).unwrap();
+            assert_eq!((img.width(), img.height()), (720, 480), "{f}");
+        } else if f.ends_with(".csv") && !f.starts_with("layer-statistics") {
+            // Every plotted point, in order, is a CSV row.
+            let fig: serde_json::Value = serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+            let csv = std::fs::read_to_string(&path).unwrap();
+            let rows: Vec<(f64, f64)> = csv
+                .lines()
+                .skip(1)
+                .map(|l| {
+                    let mut it = l.rsplitn(3, ',');
+                    let y = it.next().unwrap().parse().unwrap();
+                    let x = it.next().unwrap().parse().unwrap();
+                    (x, y)
+                })
+                .collect();
+            let plotted: Vec<(f64, f64)> = fig["series"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|s| {
+                    s["points"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|p| (p[0].as_f64().unwrap(), p[1].as_f64().unwrap()))
+                })
+                .collect();
+            assert_eq!(rows, plotted, "{f}");
+        }
+    }
+}

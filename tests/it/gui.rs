@@ -276,6 +276,15 @@ fn filters_tab_follows_the_selection() {
     h.run_steps(4);
     h.get_by_label("Weights of fc");
     h.get_by_label_contains("Kernels of fc in standard");
+
+    // Export draws from the same analysis: the plotted histogram, point for point.
+    let (figs, tables) = h.state().tab_figures();
+    assert_eq!(figs.len(), 2);
+    assert_eq!(tables.len(), 1);
+    let a = h.state().filters.result.as_ref().unwrap();
+    let plotted = awnet_lab::export::figures::steps(a.histograms[0].as_ref().unwrap(), true);
+    assert_eq!(figs[0].series[0].points, plotted);
+    assert_eq!(figs[0].to_csv().lines().count(), plotted.len() + 1);
 }
 
 /// A real router analysis of a small AW-Net on four bundled images (FGSM), with its router's
