@@ -546,6 +546,18 @@ fn bars(ui: &mut Ui, id: &str, before: &Reaction, after: &Reaction, names: &[Str
             p.bar_chart(BarChart::new("before", b).color(BEFORE));
             p.bar_chart(BarChart::new("after", a).color(AFTER));
         });
+    egui::Grid::new(format!("{id}_table")).striped(true).show(ui, |ui| {
+        ui.label("class");
+        ui.label("before");
+        ui.label("after");
+        ui.end_row();
+        for &i in &shown {
+            ui.label(label(i));
+            ui.label(format!("{:.2}%", 100.0 * before.probs[i]));
+            ui.label(format!("{:.2}%", 100.0 * after.probs[i]));
+            ui.end_row();
+        }
+    });
 }
 
 fn result_view(ui: &mut Ui, o: &AttackOutput, textures: &mut Option<[TextureHandle; 3]>) {
