@@ -159,6 +159,9 @@ pub struct TrainArgs {
     /// PGD steps of the per-epoch robustness check.
     #[arg(long, default_value_t = 10)]
     pub monitor_steps: usize,
+    /// Also write the checkpoint every N steps (besides every epoch end and Ctrl-C).
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
     /// No random crop or flip.
     #[arg(long)]
     pub no_augment: bool,

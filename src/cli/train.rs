@@ -149,6 +149,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         c.holdout = a.holdout;
         c.monitor_n = a.monitor_n;
         c.monitor_steps = a.monitor_steps;
+        c.checkpoint_every = a.checkpoint_every;
         if a.no_augment {
             c.augment = Augment::default();
         }

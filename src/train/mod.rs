@@ -124,6 +124,9 @@ pub struct TrainConfig {
     pub monitor_n: usize,
     /// PGD steps of the per-epoch quick robustness check.
     pub monitor_steps: usize,
+    /// Also write a checkpoint every this many steps (besides every epoch end and on stop).
+    #[serde(default)]
+    pub checkpoint_every: Option<usize>,
     /// Teacher model files (AW-Net distillation).
     pub teacher_clean: Option<String>,
     pub teacher_robust: Option<String>,
@@ -157,6 +160,7 @@ impl TrainConfig {
             holdout: 5000,
             monitor_n: 1000,
             monitor_steps: 10,
+            checkpoint_every: None,
             teacher_clean: None,
             teacher_robust: None,
         }
@@ -678,6 +682,17 @@ pub fn train(
                 balance: done.balanced.then_some((1.0 - state.w_adv, state.w_adv)),
                 images_per_second: images as f64 / started.elapsed().as_secs_f64().max(1e-9),
             }));
+            if cfg
+                .checkpoint_every
+                .is_some_and(|n| n > 0 && state.global_step.is_multiple_of(n))
+            {
+                save(model, run, &state, &opt)?;
+                obs.event(&TrainEvent::Checkpoint {
+                    path: run.out.clone(),
+                    epoch,
+                    step: state.step,
+                });
+            }
         }
         let train_seconds = started.elapsed().as_secs_f64();
         let Some(Monitored {

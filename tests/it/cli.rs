@@ -455,3 +455,98 @@ fn figures_writes_the_listed_files_and_they_read_back() {
         }
     }
 }
+
+/// Kills `awnet train` (SIGKILL) at pseudo-random moments of a run that checkpoints every two
+/// steps; every time, the newest checkpoint on disk loads and the run resumes from it.
+#[test]
+fn killed_runs_always_leave_a_checkpoint_that_loads_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    for (from, to) in [
+        ("t10k-images-idx3-ubyte.gz", "train-images-idx3-ubyte.gz"),
+        ("t10k-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    ] {
+        std::fs::copy(repo().join("assets/fashion-mnist-subset").join(from), data.join(to)).unwrap();
+        std::fs::copy(repo().join("assets/fashion-mnist-subset").join(from), data.join(from)).unwrap();
+    }
+    let model = dir.path().join("m.safetensors");
+    // Far more epochs than can run before the kill; the last round sets a reachable end.
+    let args = |resume: bool, epochs: usize| {
+        let epochs = epochs.to_string();
+        let mut a: Vec<String> = [
+            "train",
+            "--method",
+            "standard",
+            "--epochs",
+            &epochs,
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            model.to_str().unwrap(),
+            "--holdout",
+            "200",
+            "--batch-size",
+            "16",
+            "--monitor-n",
+            "16",
+            "--monitor-steps",
+            "1",
+            "--width",
+            "4",
+            "--checkpoint-every",
+            "2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if resume {
+            a.push("--resume".into());
+        }
+        a
+    };
+    let mut seed = 0x5eed_u64;
+    let (mut kills, mut resumed) = (0, 0);
+    for round in 0..6 {
+        let resume = model.is_file();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_awnet"))
+            .args(args(resume, 1000))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(std::time::Duration::from_millis(300 + seed % 1500));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        child.wait().unwrap();
+        if model.is_file() {
+            let (_, state) = awnet_lab::model::checkpoint::load_with_state(&model)
+                .unwrap_or_else(|e| panic!("round {round}: the checkpoint does not load: {e:#}"));
+            assert!(state.is_some(), "round {round}: no training state");
+            resumed += usize::from(resume);
+        }
+        // No temporary file is left to be mistaken for a model.
+        let stray: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .filter(|n| n.starts_with("m.") && n != "m.safetensors")
+            .collect();
+        assert!(stray.len() <= 1, "round {round}: {stray:?}");
+    }
+    assert!(kills >= 3, "only {kills} runs were killed mid-way");
+    assert!(resumed >= 2, "only {resumed} runs resumed from a checkpoint");
+    // A last uninterrupted resume finishes the epoch it was killed in, from what is on disk.
+    let (_, state) = awnet_lab::model::checkpoint::load_with_state(&model).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&state.unwrap().json).unwrap();
+    let epoch = state["epoch"].as_u64().unwrap() as usize;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_awnet"))
+        .args(args(true, epoch + 1))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
