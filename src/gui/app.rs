@@ -55,6 +55,8 @@ pub struct Settings {
     pub tab: Tab,
     /// Where figures were last exported; the folder dialog opens there.
     pub export_dir: Option<PathBuf>,
+    /// PNG size of exported figures, times 720x480.
+    pub export_scale: f64,
 }
 
 impl Default for Settings {
@@ -66,6 +68,7 @@ impl Default for Settings {
             train: TrainForm::default(),
             tab: Tab::Train,
             export_dir: None,
+            export_scale: 2.0,
         }
     }
 }
@@ -315,6 +318,13 @@ impl App {
                     }
                 });
             });
+            ui.menu_button("Export", |ui| {
+                ui.add(egui::Slider::new(&mut self.settings.export_scale, 0.5..=6.0).text("PNG scale"))
+                    .on_hover_text("PNG size: 720x480 times this; SVG, CSV and JSON do not depend on it");
+                if ui.button("Export this tab's figures…").clicked() {
+                    self.outbox.push(Command::Pick(PickPurpose::ExportFigures));
+                }
+            });
             ui.menu_button("View", |ui| {
                 if ui
                     .button(if self.settings.dark {
@@ -330,7 +340,7 @@ impl App {
             });
             if ui
                 .button("Export figures…")
-                .on_hover_text("This tab's plots as SVG, PNG (2x), CSV of the plotted data and JSON with provenance")
+                .on_hover_text("This tab's plots as SVG, PNG (scale in the Export menu), CSV of the plotted data and JSON with provenance")
                 .clicked()
             {
                 self.outbox.push(Command::Pick(PickPurpose::ExportFigures));
@@ -602,11 +612,12 @@ impl App {
                             return;
                         }
                         let (tx, waker) = (self.tx.clone(), self.waker.clone());
+                        let scale = self.settings.export_scale.clamp(0.5, 6.0);
                         self.pending_jobs += 1;
                         worker::spawn_job("awnet-export", tx, waker, move || {
                             let mut n = 0;
                             for f in &figs {
-                                match f.write_all(&path, 2.0) {
+                                match f.write_all(&path, scale) {
                                     Ok(p) => n += p.len(),
                                     Err(e) => {
                                         return Event::Error(format!(
