@@ -63,6 +63,19 @@ pub enum AttackKind {
 }
 
 impl AttackKind {
+    /// Every attack, in the order the views list them.
+    pub const ALL: [AttackKind; 9] = [
+        Self::Fgsm,
+        Self::Pgd,
+        Self::MiFgsm,
+        Self::Cw,
+        Self::ApgdCe,
+        Self::ApgdDlr,
+        Self::Square,
+        Self::Noise,
+        Self::Adaptive,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Fgsm => "FGSM",

@@ -424,17 +424,7 @@ fn controls(
     egui::ComboBox::from_id_salt("attack_kind")
         .selected_text(s.kind.name())
         .show_ui(ui, |ui| {
-            for k in [
-                AttackKind::Fgsm,
-                AttackKind::Pgd,
-                AttackKind::MiFgsm,
-                AttackKind::Cw,
-                AttackKind::ApgdCe,
-                AttackKind::ApgdDlr,
-                AttackKind::Square,
-                AttackKind::Noise,
-                AttackKind::Adaptive,
-            ] {
+            for k in AttackKind::ALL {
                 let ok = k != AttackKind::Adaptive || is_awnet;
                 ui.add_enabled_ui(ok, |ui| ui.selectable_value(&mut s.kind, k, k.name()));
             }

@@ -187,19 +187,10 @@ fn controls(ui: &mut Ui, s: &mut FiltersState, models: &[ModelSummary]) {
 }
 
 fn step_line(h: &Histogram, density: bool) -> Vec<[f64; 2]> {
-    let ys: Vec<f64> = if density {
-        h.density()
-    } else {
-        h.counts.iter().map(|&c| c as f64).collect()
-    };
-    let mut pts = Vec::with_capacity(2 * ys.len() + 2);
-    pts.push([h.edges[0], 0.0]);
-    for (y, e) in ys.iter().zip(h.edges.windows(2)) {
-        pts.push([e[0], *y]);
-        pts.push([e[1], *y]);
-    }
-    pts.push([*h.edges.last().expect("a histogram has edges"), 0.0]);
-    pts
+    crate::export::figures::steps(h, density)
+        .into_iter()
+        .map(|(x, y)| [x, y])
+        .collect()
 }
 
 fn results(

@@ -102,16 +102,7 @@ pub fn show(ui: &mut Ui, s: &mut RouterState, models: &[ModelSummary], data: &st
         egui::ComboBox::from_id_salt("router_attack")
             .selected_text(s.kind.name())
             .show_ui(ui, |ui| {
-                for k in [
-                    AttackKind::Fgsm,
-                    AttackKind::Pgd,
-                    AttackKind::MiFgsm,
-                    AttackKind::Cw,
-                    AttackKind::ApgdCe,
-                    AttackKind::Adaptive,
-                    AttackKind::Square,
-                    AttackKind::Noise,
-                ] {
+                for k in AttackKind::ALL.into_iter().filter(|&k| k != AttackKind::ApgdDlr) {
                     ui.selectable_value(&mut s.kind, k, k.name());
                 }
             })
@@ -176,14 +167,10 @@ pub fn show(ui: &mut Ui, s: &mut RouterState, models: &[ModelSummary], data: &st
 }
 
 fn step_line(h: &Histogram) -> Vec<[f64; 2]> {
-    let d = h.density();
-    let mut pts = vec![[h.edges[0], 0.0]];
-    for (y, e) in d.iter().zip(h.edges.windows(2)) {
-        pts.push([e[0], *y]);
-        pts.push([e[1], *y]);
-    }
-    pts.push([*h.edges.last().expect("edges"), 0.0]);
-    pts
+    crate::export::figures::steps(h, true)
+        .into_iter()
+        .map(|(x, y)| [x, y])
+        .collect()
 }
 
 fn results(
