@@ -182,6 +182,25 @@ fn awnet_evaluation_measures_the_router() {
         assert!((0.0..=1.0).contains(&s.auc) && s.roc.first() == Some(&(0.0, 0.0)));
     }
     assert!(r.checks.is_empty());
+
+    // The same seed gives the same result to the bit; the clean accuracy does not depend on the
+    // batch size either (MixBN mixes per sample). Attack starts are drawn per batch, so robust
+    // results are compared at the same batch size.
+    let again = |batch_size: usize| {
+        let s = Settings {
+            batch_size,
+            ..settings.clone()
+        };
+        let Outcome::Done(r) = eval::evaluate(&subject, None, &ds, Split::Test, 60, &s, &mut Silent).unwrap() else {
+            panic!()
+        };
+        r
+    };
+    let (a, b) = (again(32), again(32));
+    assert_eq!(a.clean_accuracy, b.clean_accuracy);
+    assert_eq!(a.attacks[0].robust, b.attacks[0].robust);
+    assert_eq!(a.attacks[0].router, b.attacks[0].router);
+    assert_eq!(again(60).clean_accuracy, a.clean_accuracy);
 }
 
 #[test]
