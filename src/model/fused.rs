@@ -307,3 +307,230 @@ mod tests {
         assert!(g.get(&sc).is_none() && g.get(&sh).is_none());
     }
 }
+
+/// Train-mode batch normalisation with precomputed batch statistics:
+/// `y = (x - mean[c]) * invstd[c] * weight[c] + bias[c]` over `[b, c, h, w]`.
+struct BatchNormTrain {
+    mean: Vec<f32>,
+    invstd: Vec<f32>,
+}
+
+impl BatchNormTrain {
+    fn plane(&self, c: usize, p: usize) -> (f32, f32) {
+        (self.mean[p % c], self.invstd[p % c])
+    }
+}
+
+impl CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "awnet-batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (_, c, h, wd) = l1.shape().dims4()?;
+        let hw = h * wd;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(hw)
+            .zip(x.par_chunks(hw))
+            .enumerate()
+            .for_each(|(p, (y, x))| {
+                let (m, is) = self.plane(c, p);
+                let (a, s) = (is * w[p % c], b[p % c] - m * is * w[p % c]);
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = x * a + s;
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, c, h, w) = x.dims4()?;
+        let hw = h * w;
+        let n = (b * hw) as f32;
+        // Per channel: sum dy and sum dy * xhat.
+        let (sums, dx) = with_f32(dy, |dy| {
+            with_f32(x, |xv| {
+                with_f32(weight, |wt| {
+                    let plane_sums: Vec<(f32, f32)> = (0..b * c)
+                        .into_par_iter()
+                        .map(|p| {
+                            let (m, is) = self.plane(c, p);
+                            let r = p * hw..(p + 1) * hw;
+                            dy[r.clone()]
+                                .iter()
+                                .zip(&xv[r])
+                                .fold((0f32, 0f32), |(s, sx), (&g, &x)| (s + g, sx + g * (x - m) * is))
+                        })
+                        .collect();
+                    let mut sums = vec![(0f32, 0f32); c];
+                    for (p, (s, sx)) in plane_sums.into_iter().enumerate() {
+                        sums[p % c].0 += s;
+                        sums[p % c].1 += sx;
+                    }
+                    let dx = x.track_op().then(|| {
+                        let mut dx = vec![0f32; b * c * hw];
+                        dx.par_chunks_mut(hw).enumerate().for_each(|(p, d)| {
+                            let (m, is) = self.plane(c, p);
+                            let (sg, sgx) = sums[p % c];
+                            let k = wt[p % c] * is / n;
+                            let r = p * hw..(p + 1) * hw;
+                            for ((d, &g), &x) in d.iter_mut().zip(&dy[r.clone()]).zip(&xv[r]) {
+                                *d = k * (n * g - sg - (x - m) * is * sgx);
+                            }
+                        });
+                        dx
+                    });
+                    Ok((sums, dx))
+                })
+            })
+        })?;
+        let dev = x.device();
+        let dx = dx.map(|v| Tensor::from_vec(v, (b, c, h, w), dev)).transpose()?;
+        let per = |f: fn(&(f32, f32)) -> f32| Tensor::from_vec(sums.iter().map(f).collect::<Vec<f32>>(), c, dev);
+        let dweight = if weight.track_op() { Some(per(|s| s.1)?) } else { None };
+        let dbias = if bias.track_op() { Some(per(|s| s.0)?) } else { None };
+        Ok((dx, dweight, dbias))
+    }
+}
+
+/// Train-mode batch normalisation of `[b, c, h, w]` f32 CPU input with batch statistics, one
+/// pass for the statistics and one for the output; returns the output and the batch mean and
+/// biased variance (`[c]`, detached) for the running statistics. `None` for other tensors.
+pub fn batch_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    if !fusable(&[x, weight, bias]) {
+        return Ok(None);
+    }
+    let (b, c, h, w) = x.dims4()?;
+    let hw = h * w;
+    let n = (b * hw) as f64;
+    let x = x.contiguous()?;
+    let (mean, var) = with_f32(&x, |xv| {
+        let sums: Vec<f64> = (0..b * c)
+            .into_par_iter()
+            .map(|p| xv[p * hw..(p + 1) * hw].iter().map(|&v| f64::from(v)).sum())
+            .collect();
+        let mut mean = vec![0f64; c];
+        for (p, s) in sums.iter().enumerate() {
+            mean[p % c] += s;
+        }
+        mean.iter_mut().for_each(|m| *m /= n);
+        let sq: Vec<f64> = (0..b * c)
+            .into_par_iter()
+            .map(|p| {
+                let m = mean[p % c];
+                xv[p * hw..(p + 1) * hw]
+                    .iter()
+                    .map(|&v| (f64::from(v) - m).powi(2))
+                    .sum()
+            })
+            .collect();
+        let mut var = vec![0f64; c];
+        for (p, s) in sq.iter().enumerate() {
+            var[p % c] += s;
+        }
+        var.iter_mut().for_each(|v| *v /= n);
+        Ok((mean, var))
+    })?;
+    let op = BatchNormTrain {
+        mean: mean.iter().map(|&m| m as f32).collect(),
+        invstd: var.iter().map(|&v| (1.0 / (v + eps).sqrt()) as f32).collect(),
+    };
+    let y = x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
+    let dev = x.device();
+    let to = |v: Vec<f64>| Tensor::from_vec(v.into_iter().map(|x| x as f32).collect::<Vec<f32>>(), c, dev);
+    Ok(Some((y, to(mean)?, to(var)?)))
+}
+
+#[cfg(test)]
+mod bn_tests {
+    use super::*;
+    use crate::model::layers::BatchNorm;
+    use candle_core::{Device, Var};
+    use candle_nn::{VarBuilder, VarMap};
+
+    /// The fused train-mode BN against the composite ops in f64: output, the three gradients,
+    /// and the running statistics it leaves.
+    #[test]
+    fn fused_train_batch_norm_matches_the_composite() {
+        let make = |dtype: DType| {
+            let vm = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vm, dtype, &Device::Cpu);
+            let bn = BatchNorm::new(3, 1e-5, 0.1, vb).unwrap();
+            for (name, v) in vm.data().lock().unwrap().iter() {
+                let n = v.elem_count();
+                let vals: Vec<f64> = (0..n)
+                    .map(|i| 0.5 + 0.3 * i as f64 + if name.contains("bias") { -0.2 } else { 0.0 })
+                    .collect();
+                v.set(
+                    &Tensor::from_vec(vals, n, &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap(),
+                )
+                .unwrap();
+            }
+            (vm, bn)
+        };
+        let x0: Vec<f64> = (0..2 * 3 * 4 * 5).map(|i| ((i * 37 % 23) as f64) / 7.0 - 1.5).collect();
+        let probe: Vec<f64> = (0..2 * 3 * 4 * 5).map(|i| ((i * 11 % 17) as f64) / 9.0 - 0.8).collect();
+        let mut results = Vec::new();
+        for dtype in [DType::F32, DType::F64] {
+            let (vm, bn) = make(dtype);
+            let x = Var::from_tensor(
+                &Tensor::from_vec(x0.clone(), (2, 3, 4, 5), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let p = Tensor::from_vec(probe.clone(), (2, 3, 4, 5), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let y = bn.forward_train(&x).unwrap();
+            let g = (&y * &p).unwrap().sum_all().unwrap().backward().unwrap();
+            let flat = |t: &Tensor| {
+                t.to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+            };
+            let data = vm.data().lock().unwrap();
+            let mut r = vec![flat(&y), flat(g.get(x.as_tensor()).unwrap())];
+            for name in ["weight", "bias"] {
+                r.push(flat(g.get(data[name].as_tensor()).unwrap()));
+            }
+            for name in ["running_mean", "running_var"] {
+                r.push(flat(data[name].as_tensor()));
+            }
+            results.push(r);
+        }
+        for (i, (a, b)) in results[0].iter().zip(&results[1]).enumerate() {
+            let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+            assert!(d < 1e-4, "quantity {i} differs by {d}");
+        }
+    }
+}

@@ -151,17 +151,23 @@ impl BatchNorm {
         if n < 2 {
             candle_core::bail!("batch norm in train mode needs more than one value per channel");
         }
-        let per_channel = xs.transpose(0, 1)?.reshape((c, n))?;
-        let mean = per_channel.mean_keepdim(1)?; // [c, 1]
-        let centred = per_channel.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(1)?; // biased, for normalising
-        let normed = centred.broadcast_div(&(var.clone() + self.eps)?.sqrt()?)?;
-        let ys = normed
-            .broadcast_mul(&self.weight.reshape((c, 1))?)?
-            .broadcast_add(&self.bias.reshape((c, 1))?)?
-            .reshape((c, b, h, w))?
-            .transpose(0, 1)?
-            .contiguous()?;
+        let (ys, mean, var) = match super::fused::batch_norm_train(xs, &self.weight, &self.bias, self.eps)? {
+            Some(fused) => fused,
+            None => {
+                let per_channel = xs.transpose(0, 1)?.reshape((c, n))?;
+                let mean = per_channel.mean_keepdim(1)?; // [c, 1]
+                let centred = per_channel.broadcast_sub(&mean)?;
+                let var = centred.sqr()?.mean_keepdim(1)?; // biased, for normalising
+                let normed = centred.broadcast_div(&(var.clone() + self.eps)?.sqrt()?)?;
+                let ys = normed
+                    .broadcast_mul(&self.weight.reshape((c, 1))?)?
+                    .broadcast_add(&self.bias.reshape((c, 1))?)?
+                    .reshape((c, b, h, w))?
+                    .transpose(0, 1)?
+                    .contiguous()?;
+                (ys, mean, var)
+            }
+        };
         if !self.running_mean.is_variable() || !self.running_var.is_variable() {
             candle_core::bail!("a frozen network cannot run batch norm in train mode");
         }
