@@ -63,12 +63,22 @@ pub fn sweep_model(
         model: name,
         file: file.display().to_string(),
         sha256,
-        attack: format!(
-            "{} (eps from {} to {})",
-            attack.label(),
-            format_eps(eps.iter().copied().fold(f64::INFINITY, f64::min)),
-            format_eps(eps.iter().copied().fold(f64::NEG_INFINITY, f64::max))
-        ),
+        attack: {
+            let (lo, hi) = (
+                eps.iter().copied().fold(f64::INFINITY, f64::min),
+                eps.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            );
+            let at_largest = AttackConfig {
+                eps: hi,
+                ..attack.clone()
+            };
+            format!(
+                "{}; eps swept from {} to {}, the step size scaling with it",
+                at_largest.label(),
+                format_eps(lo),
+                format_eps(hi)
+            )
+        },
         n,
         clean_accuracy: clean,
         points: eps
