@@ -228,6 +228,8 @@ pub struct AttackState {
     pub submitted: Option<AttackJob>,
     pub output: Option<AttackOutput>,
     pub error: Option<String>,
+    /// The bundled pictures, listed once (not a directory read per frame).
+    gallery: Option<Vec<PathBuf>>,
     textures: Option<[TextureHandle; 3]>,
 }
 
@@ -249,6 +251,7 @@ impl Default for AttackState {
             submitted: None,
             output: None,
             error: None,
+            gallery: None,
             textures: None,
         }
     }
@@ -303,8 +306,9 @@ pub fn show(ui: &mut Ui, s: &mut AttackState, models: &[ModelSummary], data: &st
     if !s.model.as_ref().is_some_and(|p| models.iter().any(|m| &m.path == p)) {
         s.model = models.first().map(|m| m.path.clone());
     }
+    let pictures = s.gallery.get_or_insert_with(gallery).clone();
     if s.source.is_none() {
-        s.source = gallery().into_iter().next().map(ImageSource::File);
+        s.source = pictures.first().cloned().map(ImageSource::File);
     }
     let is_awnet = models.iter().any(|m| Some(&m.path) == s.model.as_ref() && m.is_awnet);
     egui::Panel::left("attack_controls")
@@ -382,7 +386,7 @@ fn controls(
     ui.separator();
     ui.heading("Image");
     ui.horizontal_wrapped(|ui| {
-        for p in gallery() {
+        for p in s.gallery.clone().unwrap_or_default() {
             let name = p
                 .file_stem()
                 .map(|n| n.to_string_lossy().into_owned())
