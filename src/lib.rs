@@ -13,6 +13,7 @@ pub mod eval;
 pub mod export;
 pub mod fsutil;
 pub mod gui;
+pub mod memory;
 pub mod model;
 pub mod observe;
 pub mod train;

@@ -170,6 +170,12 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
         check_n: a.check_n,
     };
     let n = a.n.unwrap_or(data.len()).min(data.len());
+    let batch = a.batch_size.clamp(1, n.max(1));
+    crate::memory::check(
+        4 * net.activations_per_image() * crate::eval::ATTACK_COPIES * batch as u64,
+        &format!("an attack on a batch of {batch} images"),
+    )
+    .map_err(|e| anyhow::anyhow!("not enough memory: {e}"))?;
     let mut progress = TerminalProgress {
         tty: std::io::stderr().is_terminal(),
         stage: String::new(),

@@ -23,12 +23,29 @@ pub struct Converted {
     pub note: String,
 }
 
+/// Largest picture file read (a 8192x8192 RGBA PNG that does not compress at all is 256 MiB).
+const MAX_FILE_BYTES: u64 = 256 << 20;
+
 /// Decodes `path` with size limits checked before any pixel buffer is allocated.
 pub fn decode(path: &Path) -> Result<DynamicImage, DataError> {
-    let mut reader = ImageReader::open(path)
-        .map_err(|e| DataError::io(path, e))?
+    let len = std::fs::metadata(path).map_err(|e| DataError::io(path, e))?.len();
+    if len > MAX_FILE_BYTES {
+        return Err(DataError::format(
+            path,
+            format!("cannot decode image (a file of {len} bytes; at most {MAX_FILE_BYTES} are read)"),
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let mut reader = ImageReader::new(std::io::Cursor::new(&bytes[..]))
         .with_guessed_format()
         .map_err(|e| DataError::io(path, e))?;
+    if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_is_complete(&bytes) {
+        // The decoder fills a cut-off JPEG with grey and reports success.
+        return Err(DataError::format(
+            path,
+            "cannot decode image (a JPEG without its end marker: the file is truncated)",
+        ));
+    }
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
     limits.max_image_height = Some(MAX_SIDE);
@@ -37,6 +54,14 @@ pub fn decode(path: &Path) -> Result<DynamicImage, DataError> {
     reader
         .decode()
         .map_err(|e| DataError::format(path, format!("cannot decode image ({e})")))
+}
+
+/// Whether an end-of-image marker follows the last start-of-scan: inside compressed data every
+/// 0xFF byte is followed by 0x00, so `FF D9` there is the real end.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last_scan = bytes.windows(2).rposition(|w| w == [0xff, 0xda]);
+    let end = bytes.windows(2).rposition(|w| w == [0xff, 0xd9]);
+    matches!((last_scan, end), (Some(s), Some(e)) if e > s)
 }
 
 /// Converts a decoded image by the module's rule.

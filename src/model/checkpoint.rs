@@ -158,6 +158,11 @@ pub fn load(path: &Path) -> Result<Model, CheckpointError> {
     load_with_state(path).map(|(model, _)| model)
 }
 
+/// Batch norm's step counter, the one integer tensor a PyTorch state dict holds (and we ignore).
+pub(crate) fn is_counter(name: &str) -> bool {
+    name.ends_with("num_batches_tracked")
+}
+
 /// Loads a model file and the training state stored in it, if any.
 pub fn load_with_state(path: &Path) -> Result<(Model, Option<TrainingState>), CheckpointError> {
     let bytes = read_limited(path, MAX_MODEL_BYTES)?;
@@ -171,6 +176,16 @@ pub fn load_with_state(path: &Path) -> Result<(Model, Option<TrainingState>), Ch
     let meta_map = header.metadata().clone().unwrap_or_default();
     let mut tensors = BTreeMap::new();
     for (name, view) in st.tensors() {
+        use safetensors::Dtype;
+        if !matches!(view.dtype(), Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64) && !is_counter(&name) {
+            return Err(CheckpointError::format(
+                path,
+                format!(
+                    "tensor {name} holds {:?} values; weights must be floating point",
+                    view.dtype()
+                ),
+            ));
+        }
         let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)
             .and_then(|t| t.to_dtype(DType::F32))
             .map_err(|e| CheckpointError::format(path, format!("tensor {name}: {e}")))?;

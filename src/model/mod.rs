@@ -336,6 +336,18 @@ impl Network {
         }
     }
 
+    /// Values one image's convolution outputs hold (the input included): the unit that memory
+    /// use per image scales with, since every later op of a block is the size of its conv's output.
+    pub fn activations_per_image(&self) -> u64 {
+        let input = self.in_channels * self.image_size * self.image_size;
+        let convs: usize = self
+            .convs()
+            .iter()
+            .map(|c| c.weight.dims()[0] * c.out_size * c.out_size)
+            .sum();
+        (input + convs) as u64
+    }
+
     /// The final linear layer: its name and weight `[classes, features]`.
     pub fn classifier(&self) -> (&'static str, &Tensor) {
         let (name, linear) = match &self.backbone {

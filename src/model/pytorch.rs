@@ -51,13 +51,31 @@ pub fn import_pth(path: &Path, image_size: Option<usize>) -> Result<Model, Check
     Ok(model)
 }
 
+thread_local! {
+    /// Set while a guarded reader runs on this thread: its panics are errors, not crashes, so
+    /// the panic hook stays quiet about them.
+    static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Candle's pickle reader can panic on malformed input; a panic there becomes an error here.
 fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
-    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|p| {
+    static QUIET_HOOK: std::sync::Once = std::sync::Once::new();
+    QUIET_HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !GUARDED.with(|g| g.get()) {
+                previous(info);
+            }
+        }));
+    });
+    GUARDED.with(|g| g.set(true));
+    let result = std::panic::catch_unwind(AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(false));
+    result.map_err(|p| {
         p.downcast_ref::<String>()
             .cloned()
             .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "malformed file".into())
+            .map_or_else(|| "the reader panicked".into(), |m| format!("the reader panicked: {m}"))
     })
 }
 
@@ -93,6 +111,12 @@ fn read_state_dict(path: &Path, file_len: usize) -> Result<BTreeMap<String, Tens
             .shape()
             .elem_count()
             .saturating_mul(info.dtype.size_in_bytes());
+        if !info.dtype.is_float() && !super::checkpoint::is_counter(name) {
+            return Err(fail(format!(
+                "tensor {name} holds {:?} values; weights must be floating point",
+                info.dtype
+            )));
+        }
         if claimed > file_len {
             return Err(fail(format!(
                 "tensor {name} claims {claimed} bytes, more than the file's {file_len}"

@@ -326,6 +326,21 @@ fn train_writes_a_model_and_a_log_and_resumes() {
         args.extend_from_slice(&common);
         awnet(&args)
     };
+    // A batch that does not fit in memory (here under a 1 MiB cap) is refused before the first
+    // step and writes nothing; the same run then starts as usual.
+    let mut args = vec!["train", "--method", "pgd-at", "--epochs", "1"];
+    args.extend_from_slice(&common);
+    let out = Command::new(env!("CARGO_BIN_EXE_awnet"))
+        .args(&args)
+        .env(awnet_lab::memory::LIMIT_VAR, "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not enough memory: a training step of 32 images needs about"),
+        "{err}"
+    );
+    assert!(!model.exists());
     ok_stdout(&run(&["--method", "pgd-at", "--epochs", "1"]));
     ok_stdout(&run(&["--method", "pgd-at", "--epochs", "2", "--resume"]));
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
@@ -549,4 +564,56 @@ fn killed_runs_always_leave_a_checkpoint_that_loads_and_resumes() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A write that fails halfway, as on a full disk (here the file-size limit of `ulimit -f`, which
+/// makes `write` fail with EFBIG once a file passes 16 KiB), is an error naming the file, and
+/// leaves neither a half-written file nor a temporary one: every file present is whole.
+#[test]
+fn a_write_failing_halfway_is_an_error_and_leaves_no_partial_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("figs");
+    let run = Command::new("bash")
+        .arg("-c")
+        .arg(r#"ulimit -f 16; trap "" XFSZ; exec "$0" "$@""#)
+        .arg(env!("CARGO_BIN_EXE_awnet"))
+        .args(["figures", "--model"])
+        .arg(repo().join("models/standard.safetensors"))
+        .args([
+            "--data",
+            "fashion-mnist",
+            "--n",
+            "8",
+            "--steps",
+            "1",
+            "--scale",
+            "2",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{err}");
+    assert!(err.contains("cannot write") && err.contains("File too large"), "{err}");
+    let files: Vec<std::path::PathBuf> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(!files.is_empty(), "the small files before the failure are written");
+    for f in &files {
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(!name.ends_with(".tmp"), "a temporary file was left: {name}");
+        let bytes = std::fs::read(f).unwrap();
+        assert!(bytes.len() < 16 << 10, "{name} is cut at the limit");
+        match f.extension().and_then(|e| e.to_str()) {
+            Some("svg") => {
+                roxmltree::Document::parse(std::str::from_utf8(&bytes).unwrap()).unwrap();
+            }
+            Some("json") => {
+                serde_json::from_slice::<serde_json::Value>(&bytes).unwrap();
+            }
+            Some("png") => {
+                image::load_from_memory(&bytes).unwrap();
+            }
+            _ => {}
+        }
+    }
 }
