@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use super::{Figure, Series, Style};
 use crate::analysis::Histogram;
 use crate::analysis::filters::FiltersAnalysis;
-use crate::analysis::router::RouterAnalysis;
+use crate::analysis::router::{ImagePair, RouterAnalysis};
 use crate::analysis::tradeoff::Curve;
 use crate::train::EpochReport;
 
@@ -25,7 +25,8 @@ pub fn steps(h: &Histogram, density: bool) -> Vec<(f64, f64)> {
     pts
 }
 
-fn provenance(extra: Value) -> Value {
+/// The program's name and version, with `extra` under `details`.
+pub fn provenance(extra: Value) -> Value {
     json!({"program": concat!("awnet-lab ", env!("CARGO_PKG_VERSION")), "details": extra})
 }
 
@@ -167,6 +168,74 @@ pub fn router(a: &RouterAnalysis, model: &str, prov: Value) -> Vec<Figure> {
             x_label: "signal omega (filter scale)".into(),
             y_label: "density".into(),
             series: pair(&b.hist_clean, &b.hist_adv),
+            x_range: None,
+            y_range: None,
+            provenance: prov.clone(),
+        });
+        out.push(Figure {
+            name: format!("router-{model}-block{}-signal-diff", b.block),
+            title: format!("Block {}: mean signal per filter, adversarial minus clean", b.block),
+            x_label: "filter".into(),
+            y_label: "mean omega, adversarial - clean".into(),
+            series: vec![Series {
+                name: "adv - clean".into(),
+                style: Style::Bars,
+                points: b
+                    .filter_difference()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &d)| (i as f64, d))
+                    .collect(),
+            }],
+            x_range: None,
+            y_range: None,
+            provenance: prov.clone(),
+        });
+    }
+    out
+}
+
+/// Every block's signals one after another, as (filter, signal).
+pub fn flat_signals(s: &[Vec<f64>]) -> Vec<(f64, f64)> {
+    s.iter().flatten().enumerate().map(|(i, &v)| (i as f64, v)).collect()
+}
+
+/// One image and its adversarial twin: every filter's signal, and each weight-varied conv's
+/// base and effective weights.
+pub fn router_pair(p: &ImagePair, model: &str, attack: &str, prov: Value) -> Vec<Figure> {
+    let prov = provenance(
+        json!({"model": prov, "attack": attack, "image": p.index, "label": p.label,
+        "predicted_clean": p.pred_clean, "predicted_adversarial": p.pred_adv,
+        "p_adv_clean": p.p_adv_clean, "p_adv_adversarial": p.p_adv_adv}),
+    );
+    let line = Series::line;
+    let mut out = vec![Figure {
+        name: format!("router-{model}-image{}-signals", p.index),
+        title: format!("Signals of test image {} and its adversarial twin", p.index),
+        x_label: "filter (blocks one after another)".into(),
+        y_label: "signal omega".into(),
+        series: vec![
+            line("clean", flat_signals(&p.signals_clean)),
+            line("adversarial", flat_signals(&p.signals_adv)),
+        ],
+        x_range: None,
+        y_range: None,
+        provenance: prov.clone(),
+    }];
+    for e in &p.effective {
+        out.push(Figure {
+            name: format!("router-{model}-image{}-effective-{}", p.index, e.conv),
+            title: format!(
+                "{} (block {}): W and W * omega, test image {}",
+                e.conv, e.block, p.index
+            ),
+            x_label: "weight value".into(),
+            y_label: "density".into(),
+            series: vec![
+                line("base W", steps(&e.hist_base, true)),
+                line("W * omega, clean", steps(&e.hist_clean, true)),
+                line("W * omega, adversarial", steps(&e.hist_adv, true)),
+            ],
             x_range: None,
             y_range: None,
             provenance: prov.clone(),

@@ -28,6 +28,9 @@ pub enum Style {
     Points,
     /// A thin grey reference line (equal W-Robust, chance).
     Reference,
+    /// A bar from 0 to y at each x (integer x such as filter or class indices; several bar
+    /// series share the 0.8 around each x, side by side).
+    Bars,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -35,6 +38,16 @@ pub struct Series {
     pub name: String,
     pub style: Style,
     pub points: Vec<(f64, f64)>,
+}
+
+impl Series {
+    pub fn line(name: &str, points: Vec<(f64, f64)>) -> Self {
+        Self {
+            name: name.into(),
+            style: Style::Line,
+            points,
+        }
+    }
 }
 
 /// One plot: what it shows, its data, and where the data came from.
@@ -108,10 +121,17 @@ impl Figure {
                 .filter(|s| s.style != Style::Reference)
                 .flat_map(|s| s.points.iter())
         };
-        (
-            self.x_range.unwrap_or_else(|| span(pts().map(|p| p.0))),
-            self.y_range.unwrap_or_else(|| span(pts().map(|p| p.1))),
-        )
+        let bars = self.series.iter().any(|s| s.style == Style::Bars);
+        // Bars stand on 0 and are 0.8 wide.
+        let (xs, ys) = if bars {
+            (
+                span(pts().flat_map(|p| [p.0 - 0.4, p.0 + 0.4])),
+                span(pts().map(|p| p.1).chain([0.0])),
+            )
+        } else {
+            (span(pts().map(|p| p.0)), span(pts().map(|p| p.1)))
+        };
+        (self.x_range.unwrap_or(xs), self.y_range.unwrap_or(ys))
     }
 
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>, scale: f64) -> Result<(), String> {
@@ -143,6 +163,10 @@ impl Figure {
             .map_err(|e| e.to_string())?;
         let mut labelled = false;
         let mut k = 0;
+        // Several bar series stand side by side in the 0.8 around each x.
+        let bar_series = self.series.iter().filter(|s| s.style == Style::Bars).count().max(1);
+        let bar_width = 0.8 / bar_series as f64;
+        let mut bar_k = 0;
         for s in &self.series {
             let pts: Vec<(f64, f64)> = s
                 .points
@@ -168,6 +192,20 @@ impl Figure {
                         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + w, y)], stroke));
                     labelled = true;
                 }
+            }
+            if s.style == Style::Bars {
+                let left = -0.4 + bar_width * bar_k as f64;
+                bar_k += 1;
+                let ann =
+                    chart
+                        .draw_series(pts.iter().map(|&(x, y)| {
+                            Rectangle::new([(x + left, 0.0), (x + left + bar_width, y)], colour.filled())
+                        }))
+                        .map_err(|e| e.to_string())?;
+                let w = px(10.0) as i32;
+                ann.label(&s.name)
+                    .legend(move |(x, y)| Rectangle::new([(x, y - w / 2), (x + w, y + w / 2)], colour.filled()));
+                labelled = true;
             }
             if matches!(s.style, Style::Points | Style::LinePoints) {
                 let r = px(3.5);

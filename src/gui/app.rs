@@ -1,6 +1,7 @@
 //! The application state and its frame: menu and tabs on top, open models and data on the
 //! left, the tab in the middle, status at the bottom, notifications in the corner.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender, channel};
@@ -131,6 +132,8 @@ pub struct App {
     pub dry_run: bool,
     pub sent: Vec<Command>,
     outbox: Vec<Command>,
+    /// The figure a per-plot export asked for; `None` exports the whole tab.
+    pub export_only: Option<String>,
     pending_jobs: usize,
     /// Between a run's `Started` event and its end.
     live: bool,
@@ -167,6 +170,7 @@ impl App {
             dry_run: false,
             sent: Vec::new(),
             outbox: Vec::new(),
+            export_only: None,
             pending_jobs: 0,
             live: false,
             next_id: 0,
@@ -322,8 +326,9 @@ impl App {
                 ui.add(egui::Slider::new(&mut self.settings.export_scale, 0.5..=6.0).text("PNG scale"))
                     .on_hover_text("PNG size: 720x480 times this; SVG, CSV and JSON do not depend on it");
                 if ui.button("Export this tab's figures…").clicked() {
-                    self.outbox.push(Command::Pick(PickPurpose::ExportFigures));
+                    self.outbox.push(Command::Export(None));
                 }
+                ui.label("(right-click a plot to export it alone)");
             });
             ui.menu_button("View", |ui| {
                 if ui
@@ -340,10 +345,10 @@ impl App {
             });
             if ui
                 .button("Export figures…")
-                .on_hover_text("This tab's plots as SVG, PNG (scale in the Export menu), CSV of the plotted data and JSON with provenance")
+                .on_hover_text("This tab's plots as SVG, PNG (scale in the Export menu), CSV of the plotted data and JSON with provenance; right-click a plot to export it alone")
                 .clicked()
             {
-                self.outbox.push(Command::Pick(PickPurpose::ExportFigures));
+                self.outbox.push(Command::Export(None));
             }
             ui.separator();
             for (i, t) in Tab::ALL.into_iter().enumerate() {
@@ -448,18 +453,8 @@ impl App {
         match self.settings.tab {
             Tab::Train => {
                 let running = self.is_training();
-                let record;
-                let history = match (&self.run, self.selected.and_then(|i| self.models.get(i))) {
-                    (Some(r), _) => r,
-                    (None, Some(m)) => {
-                        record = TrainHistory::from_model(m);
-                        &record
-                    }
-                    (None, None) => {
-                        record = TrainHistory::default();
-                        &record
-                    }
-                };
+                let history = train_history(&self.run, self.selected.and_then(|i| self.models.get(i)));
+                let history = history.as_ref();
                 train_tab::show(
                     ui,
                     TrainView {
@@ -606,9 +601,19 @@ impl App {
                     PickPurpose::AttackImage => self.attack.source = Some(ImageSource::File(path)),
                     PickPurpose::ExportFigures => {
                         self.settings.export_dir = Some(path.clone());
-                        let (figs, tables) = self.tab_figures();
+                        let (mut figs, mut tables) = self.tab_figures();
+                        if let Some(only) = &self.export_only {
+                            figs.retain(|f| &f.name == only);
+                            tables.clear();
+                        }
                         if figs.is_empty() && tables.is_empty() {
-                            self.notify("this tab has nothing to export yet", true);
+                            self.notify(
+                                match &self.export_only {
+                                    Some(name) => format!("the plot '{name}' has nothing to export now"),
+                                    None => "this tab has nothing to export yet".into(),
+                                },
+                                true,
+                            );
                             return;
                         }
                         let (tx, waker) = (self.tx.clone(), self.waker.clone());
@@ -870,6 +875,10 @@ impl App {
                 }
             }
             Command::Notify(text) => self.notify(text, true),
+            Command::Export(only) => {
+                self.export_only = only;
+                self.execute(Command::Pick(PickPurpose::ExportFigures));
+            }
         }
     }
 
@@ -877,31 +886,15 @@ impl App {
     pub fn tab_figures(&self) -> (Vec<crate::export::Figure>, Vec<(String, String)>) {
         use crate::export::figures;
         let sources = serde_json::json!(self.models.iter().map(|m| m.path.clone()).collect::<Vec<_>>());
-        let scatter = || {
-            let pts: Vec<(String, f64, f64, String)> = self
-                .models
-                .iter()
-                .filter_map(|m| {
-                    m.trade_off_point()
-                        .map(|(c, r, l)| (m.name.clone(), c, r, l.to_string()))
-                })
-                .collect();
-            figures::scatter(&pts)
-        };
         match self.settings.tab {
             Tab::Train => {
-                let mut figs = Vec::new();
-                if let Some(r) = &self.run
-                    && !r.epochs.is_empty()
-                {
-                    figs.push(figures::training("run", &r.epochs, serde_json::json!({"run": r.title})));
-                }
+                let history = train_history(&self.run, self.selected.and_then(|i| self.models.get(i)));
+                let mut figs = train_tab::figures(&history, &self.models);
                 for m in &self.models {
                     if !m.log.is_empty() {
                         figs.push(figures::training(&m.name, &m.log, serde_json::json!({"file": m.path})));
                     }
                 }
-                figs.push(scatter());
                 (figs, Vec::new())
             }
             Tab::Filters => match &self.filters.result {
@@ -913,26 +906,28 @@ impl App {
             },
             Tab::Router => match (&self.router.result, &self.router.requested) {
                 (Some(a), Some(q)) => {
-                    let name = q
-                        .model
-                        .file_stem()
-                        .map(|s| s.to_string_lossy().into_owned())
-                        .unwrap_or_default();
-                    (
-                        figures::router(a, &name, serde_json::json!({"file": q.model, "data": q.data})),
-                        Vec::new(),
-                    )
+                    let name = router_tab::figure_stem(Some(&q.model));
+                    let prov = serde_json::json!({"file": q.model, "data": q.data});
+                    let mut figs = figures::router(a, &name, prov.clone());
+                    if let Some(p) = a.images.get(self.router.image.min(a.images.len().saturating_sub(1))) {
+                        figs.extend(figures::router_pair(p, &name, &a.attack, prov));
+                    }
+                    (figs, Vec::new())
                 }
                 _ => (Vec::new(), Vec::new()),
             },
             Tab::TradeOff => {
-                let mut figs = vec![scatter()];
+                let epochs = self.run.as_ref().map(|r| r.epochs.clone()).unwrap_or_default();
+                let mut figs = vec![train_tab::trade_off_figure(&epochs, &self.models)];
                 if !self.tradeoff.curves.is_empty() {
                     figs.push(figures::accuracy_vs_eps(&self.tradeoff.curves));
                 }
                 (figs, Vec::new())
             }
-            Tab::AttackLab => (Vec::new(), Vec::new()),
+            Tab::AttackLab => (
+                self.attack.output.as_ref().map(attack_tab::figures).unwrap_or_default(),
+                Vec::new(),
+            ),
         }
     }
 
@@ -990,5 +985,14 @@ impl eframe::App for App {
     fn on_exit(&mut self, _gl: Option<&eframe::glow::Context>) {
         // Stops the run at its next step (it writes its checkpoint) and joins the thread.
         self.worker = None;
+    }
+}
+
+/// What the Train tab shows: the run, or else the selected model's stored record.
+fn train_history<'a>(run: &'a Option<TrainHistory>, selected: Option<&ModelSummary>) -> Cow<'a, TrainHistory> {
+    match (run, selected) {
+        (Some(r), _) => Cow::Borrowed(r),
+        (None, Some(m)) => Cow::Owned(TrainHistory::from_model(m)),
+        (None, None) => Cow::Owned(TrainHistory::default()),
     }
 }

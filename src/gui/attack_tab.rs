@@ -15,6 +15,7 @@ use super::Command;
 use super::worker::{self, Event, ModelSummary, PickPurpose, Waker, chain};
 use crate::attack::lab::{self, LabResult, Reaction};
 use crate::attack::{AttackConfig, AttackKind};
+use crate::export::{Figure, Series, Style};
 use crate::model::{ModelConfig, Network, checkpoint};
 use crate::observe::Outcome;
 
@@ -342,7 +343,7 @@ pub fn show(ui: &mut Ui, s: &mut AttackState, models: &[ModelSummary], data: &st
                 ui.colored_label(ui.visuals().error_fg_color, e);
             }
             match &s.output {
-                Some(o) => result_view(ui, o, &mut s.textures),
+                Some(o) => result_view(ui, o, &mut s.textures, commands),
                 None if s.model.is_none() => {
                     ui.label("Open a model to attack.");
                 }
@@ -503,13 +504,100 @@ fn top(r: &Reaction, k: usize) -> Vec<usize> {
     idx
 }
 
-fn bars(ui: &mut Ui, id: &str, before: &Reaction, after: &Reaction, names: &[String]) {
+/// The classes the bars show: the five most probable before, then those after.
+fn shown_classes(before: &Reaction, after: &Reaction) -> Vec<usize> {
     let mut shown = top(before, 5);
     for i in top(after, 5) {
         if !shown.contains(&i) {
             shown.push(i);
         }
     }
+    shown
+}
+
+/// The result's plots as figures for export, with the values the window draws.
+pub fn figures(o: &AttackOutput) -> Vec<Figure> {
+    let r = &o.result;
+    let prov = crate::export::figures::provenance(
+        serde_json::json!({"image": o.source, "attack": r.attack, "label": r.label, "label_source": o.label_source,
+            "linf": r.linf, "l2": r.l2, "class_names": o.class_names}),
+    );
+    let classes = |names: &[String]| {
+        let list: Vec<String> = names.iter().enumerate().map(|(i, n)| format!("{i} {n}")).collect();
+        if list.is_empty() {
+            "class".to_string()
+        } else {
+            format!("class ({})", list.join(", "))
+        }
+    };
+    let probabilities = |name: &str, title: String, before: &Reaction, after: &Reaction| {
+        let shown = shown_classes(before, after);
+        let bars = |name: &str, x: &Reaction| Series {
+            name: name.into(),
+            style: Style::Bars,
+            points: shown.iter().map(|&i| (i as f64, x.probs[i])).collect(),
+        };
+        Figure {
+            name: name.into(),
+            title,
+            x_label: classes(&o.class_names),
+            y_label: "probability".into(),
+            series: vec![bars("before", before), bars("after", after)],
+            x_range: None,
+            y_range: Some((0.0, 1.0)),
+            provenance: prov.clone(),
+        }
+    };
+    let (flat, line) = (crate::export::figures::flat_signals, Series::line);
+    let mut out = vec![
+        probabilities(
+            "attack-probabilities",
+            format!("Class probabilities before and after, {}", r.attack),
+            &r.before,
+            &r.after,
+        ),
+        Figure {
+            name: "attack-objective".into(),
+            title: format!("Objective per iteration, {}", r.attack),
+            x_label: "iteration".into(),
+            y_label: "objective".into(),
+            series: vec![line(
+                "objective",
+                r.trace.iter().enumerate().map(|(i, &v)| (i as f64, v)).collect(),
+            )],
+            x_range: None,
+            y_range: None,
+            provenance: prov.clone(),
+        },
+    ];
+    if r.before.p_adv.is_some() {
+        out.push(Figure {
+            name: "attack-signals".into(),
+            title: "Router signals before and after the attack".into(),
+            x_label: "filter (blocks one after another)".into(),
+            y_label: "signal omega".into(),
+            series: vec![
+                line("before", flat(&r.before.signals)),
+                line("after", flat(&r.after.signals)),
+            ],
+            x_range: None,
+            y_range: None,
+            provenance: prov.clone(),
+        });
+    }
+    if let Some((b, a)) = &r.second {
+        out.push(probabilities(
+            "attack-transfer-probabilities",
+            "Second model on the same images (transfer)".into(),
+            b,
+            a,
+        ));
+    }
+    out
+}
+
+fn bars(ui: &mut Ui, id: &str, before: &Reaction, after: &Reaction, names: &[String]) -> egui::Response {
+    let shown = shown_classes(before, after);
     let label = |i: usize| names.get(i).cloned().unwrap_or_else(|| i.to_string());
     let b: Vec<Bar> = shown
         .iter()
@@ -522,7 +610,7 @@ fn bars(ui: &mut Ui, id: &str, before: &Reaction, after: &Reaction, names: &[Str
         .map(|(x, &i)| Bar::new(x as f64 + 0.2, after.probs[i]).width(0.38).name(label(i)))
         .collect();
     let names_shown: Vec<String> = shown.iter().map(|&i| label(i)).collect();
-    Plot::new(id)
+    let response = Plot::new(id)
         .height(200.0)
         .legend(Legend::default())
         .include_y(0.0)
@@ -539,7 +627,8 @@ fn bars(ui: &mut Ui, id: &str, before: &Reaction, after: &Reaction, names: &[Str
         .show(ui, |p| {
             p.bar_chart(BarChart::new("before", b).color(BEFORE));
             p.bar_chart(BarChart::new("after", a).color(AFTER));
-        });
+        })
+        .response;
     egui::Grid::new(format!("{id}_table")).striped(true).show(ui, |ui| {
         ui.label("class");
         ui.label("before");
@@ -552,9 +641,10 @@ fn bars(ui: &mut Ui, id: &str, before: &Reaction, after: &Reaction, names: &[Str
             ui.end_row();
         }
     });
+    response
 }
 
-fn result_view(ui: &mut Ui, o: &AttackOutput, textures: &mut Option<[TextureHandle; 3]>) {
+fn result_view(ui: &mut Ui, o: &AttackOutput, textures: &mut Option<[TextureHandle; 3]>, commands: &mut Vec<Command>) {
     let r = &o.result;
     let names = &o.class_names;
     let cls = |i: usize| names.get(i).cloned().unwrap_or_else(|| i.to_string());
@@ -614,12 +704,13 @@ fn result_view(ui: &mut Ui, o: &AttackOutput, textures: &mut Option<[TextureHand
         ui.vertical(|ui| {
             ui.set_width(w);
             ui.label("Class probabilities, before and after");
-            bars(ui, "lab_bars", &r.before, &r.after, names);
+            let shown = bars(ui, "lab_bars", &r.before, &r.after, names);
+            super::export_menu(&shown, "attack-probabilities", commands);
         });
         ui.vertical(|ui| {
             ui.set_width(w);
             ui.label("The attack's objective per iteration");
-            Plot::new("lab_trace")
+            let shown = Plot::new("lab_trace")
                 .height(200.0)
                 .x_axis_label("iteration")
                 .y_axis_label("objective")
@@ -627,12 +718,13 @@ fn result_view(ui: &mut Ui, o: &AttackOutput, textures: &mut Option<[TextureHand
                     let pts: Vec<[f64; 2]> = r.trace.iter().enumerate().map(|(i, &v)| [i as f64, v]).collect();
                     p.line(Line::new("objective", PlotPoints::from(pts)).color(AFTER));
                 });
+            super::export_menu(&shown.response, "attack-objective", commands);
         });
     });
     if let (Some(b), Some(a)) = (r.before.p_adv, r.after.p_adv) {
         ui.separator();
         ui.label(format!("Router: p_adv {b:.3} before, {a:.3} after"));
-        Plot::new("lab_signals")
+        let shown = Plot::new("lab_signals")
             .height(200.0)
             .legend(Legend::default())
             .x_axis_label("filter (blocks one after another)")
@@ -644,6 +736,7 @@ fn result_view(ui: &mut Ui, o: &AttackOutput, textures: &mut Option<[TextureHand
                 p.line(Line::new("before", PlotPoints::from(flat(&r.before.signals))).color(BEFORE));
                 p.line(Line::new("after", PlotPoints::from(flat(&r.after.signals))).color(AFTER));
             });
+        super::export_menu(&shown.response, "attack-signals", commands);
     }
     if let Some((b, a)) = &r.second {
         ui.separator();
@@ -656,6 +749,7 @@ fn result_view(ui: &mut Ui, o: &AttackOutput, textures: &mut Option<[TextureHand
                 _ => String::new(),
             }
         ));
-        bars(ui, "lab_second_bars", b, a, names);
+        let shown = bars(ui, "lab_second_bars", b, a, names);
+        super::export_menu(&shown, "attack-transfer-probabilities", commands);
     }
 }

@@ -132,7 +132,7 @@ pub fn show(ui: &mut Ui, s: &mut FiltersState, models: &[ModelSummary], commands
                         ui.label("recomputing…");
                     });
                 }
-                results(ui, r, s.density, &mut s.sort, &mut s.texture);
+                results(ui, r, s.density, &mut s.sort, &mut s.texture, commands);
             }
         });
     });
@@ -199,23 +199,25 @@ fn results(
     density: bool,
     sort: &mut (Column, bool),
     texture: &mut Option<TextureHandle>,
+    commands: &mut Vec<Command>,
 ) {
     ui.heading(format!("Weights of {}", r.layer));
     let w = (ui.available_width() / 2.0 - 8.0).max(200.0);
     ui.horizontal(|ui| {
-        for (title, hists, x_label, id) in [
-            ("Weight values", &r.histograms, "weight", "weights_hist"),
+        for (title, hists, x_label, id, figure) in [
+            ("Weight values", &r.histograms, "weight", "weights_hist", "weights"),
             (
                 "Per-filter L2 norms",
                 &r.norm_histograms,
                 "L2 norm of a filter",
                 "norms_hist",
+                "filter-norms",
             ),
         ] {
             ui.vertical(|ui| {
                 ui.set_width(w);
                 ui.label(title);
-                Plot::new(id)
+                let shown = Plot::new(id)
                     .height(240.0)
                     .legend(Legend::default())
                     .x_axis_label(x_label)
@@ -231,6 +233,8 @@ fn results(
                             }
                         }
                     });
+                // The names `export::figures::filters` gives.
+                super::export_menu(&shown.response, &format!("{figure}-{}", r.layer), commands);
             });
         }
     });

@@ -32,8 +32,26 @@ pub enum Command {
     Sweep(tradeoff_tab::SweepRequest),
     CancelSweep,
     Attack(attack_tab::AttackJob),
+    /// Export the current tab's figures (`None`) or the one plot of that figure name, to a
+    /// folder picked in a dialog.
+    Export(Option<String>),
     /// Show a message to the user.
     Notify(String),
+}
+
+/// Right-clicking a plot offers to export it alone: `figure` is the name of its
+/// [`crate::export::Figure`] in [`App::tab_figures`].
+pub fn export_menu(response: &egui::Response, figure: &str, commands: &mut Vec<Command>) {
+    response.context_menu(|ui| {
+        if ui
+            .button("Export this plot…")
+            .on_hover_text("SVG, PNG, CSV of the plotted data and JSON with provenance, to a folder")
+            .clicked()
+        {
+            commands.push(Command::Export(Some(figure.to_string())));
+            ui.close();
+        }
+    });
 }
 
 /// Opens the window and runs until it is closed.

@@ -162,7 +162,8 @@ pub fn show(ui: &mut Ui, s: &mut RouterState, models: &[ModelSummary], data: &st
     }
     let Some(r) = &s.result else { return };
     egui::ScrollArea::vertical().show(ui, |ui| {
-        results(ui, r, &mut s.image, &mut s.textures);
+        let name = figure_stem(s.requested.as_ref().map(|q| q.model.as_path()));
+        results(ui, r, &name, &mut s.image, &mut s.textures, commands);
     });
 }
 
@@ -173,12 +174,25 @@ fn step_line(h: &Histogram) -> Vec<[f64; 2]> {
         .collect()
 }
 
+/// The model part of this tab's figure names (`export::figures::router`).
+pub fn figure_stem(model: Option<&std::path::Path>) -> String {
+    model
+        .and_then(|m| m.file_stem())
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 fn results(
     ui: &mut Ui,
     r: &RouterAnalysis,
+    name: &str,
     image: &mut usize,
     textures: &mut Option<(TextureHandle, TextureHandle, TextureHandle)>,
+    commands: &mut Vec<Command>,
 ) {
+    let mut menu = |shown: &egui::Response, figure: String| {
+        super::export_menu(shown, &format!("router-{name}-{figure}"), commands)
+    };
     ui.heading(format!(
         "{} images, {}: type accuracy {:.1}%, AUC {:.3}; classifier accuracy clean {:.1}%, adversarial {:.1}%",
         r.n,
@@ -193,7 +207,7 @@ fn results(
         ui.vertical(|ui| {
             ui.set_width(w);
             ui.label("Type probability p_adv");
-            Plot::new("p_adv_hist")
+            let shown = Plot::new("p_adv_hist")
                 .height(220.0)
                 .legend(Legend::default())
                 .x_axis_label("p_adv")
@@ -202,11 +216,12 @@ fn results(
                     p.line(Line::new("clean", PlotPoints::from(step_line(&r.p_hist_clean))).color(CLEAN));
                     p.line(Line::new("adversarial", PlotPoints::from(step_line(&r.p_hist_adv))).color(ADV));
                 });
+            menu(&shown.response, "p-adv".into());
         });
         ui.vertical(|ui| {
             ui.set_width(w);
             ui.label(format!("ROC of p_adv as a detector (AUC {:.3})", r.auc));
-            Plot::new("router_roc")
+            let shown = Plot::new("router_roc")
                 .height(220.0)
                 .data_aspect(1.0)
                 .x_axis_label("false positive rate")
@@ -224,6 +239,7 @@ fn results(
                         .color(ADV),
                     );
                 });
+            menu(&shown.response, "roc".into());
         });
     });
     for b in &r.blocks {
@@ -231,7 +247,7 @@ fn results(
             ui.vertical(|ui| {
                 ui.set_width(w);
                 ui.label(format!("Block {}: all signals (every filter, every image)", b.block));
-                Plot::new(format!("signals_{}", b.block))
+                let shown = Plot::new(format!("signals_{}", b.block))
                     .height(180.0)
                     .legend(Legend::default())
                     .x_axis_label("signal (omega)")
@@ -240,6 +256,7 @@ fn results(
                         p.line(Line::new("clean", PlotPoints::from(step_line(&b.hist_clean))).color(CLEAN));
                         p.line(Line::new("adversarial", PlotPoints::from(step_line(&b.hist_adv))).color(ADV));
                     });
+                menu(&shown.response, format!("block{}-signals", b.block));
             });
             ui.vertical(|ui| {
                 ui.set_width(w);
@@ -257,11 +274,12 @@ fn results(
                             .fill(if d >= 0.0 { ADV } else { CLEAN })
                     })
                     .collect();
-                Plot::new(format!("signal_diff_{}", b.block))
+                let shown = Plot::new(format!("signal_diff_{}", b.block))
                     .height(180.0)
                     .x_axis_label("filter")
                     .y_axis_label("difference")
                     .show(ui, |p| p.bar_chart(BarChart::new("adv - clean", bars)));
+                menu(&shown.response, format!("block{}-signal-diff", b.block));
             });
         });
     }
@@ -297,7 +315,7 @@ fn results(
         }
     });
     ui.label(format!("test image {} (label {})", pair.index, pair.label));
-    Plot::new("pair_signals")
+    let shown = Plot::new("pair_signals")
         .height(200.0)
         .legend(Legend::default())
         .x_axis_label("filter (blocks one after another)")
@@ -309,13 +327,14 @@ fn results(
             p.line(Line::new("clean", PlotPoints::from(flat(&pair.signals_clean))).color(CLEAN));
             p.line(Line::new("adversarial", PlotPoints::from(flat(&pair.signals_adv))).color(ADV));
         });
+    menu(&shown.response, format!("image{}-signals", pair.index));
     ui.heading("Effective filters W * omega of this image pair");
     for e in &pair.effective {
         ui.horizontal(|ui| {
             ui.vertical(|ui| {
                 ui.set_width(w);
                 ui.label(format!("{} (block {}): base W and W * omega", e.conv, e.block));
-                Plot::new(format!("effective_{}", e.conv))
+                let shown = Plot::new(format!("effective_{}", e.conv))
                     .height(180.0)
                     .legend(Legend::default())
                     .x_axis_label("weight")
@@ -327,6 +346,7 @@ fn results(
                             Line::new("W * omega, adversarial", PlotPoints::from(step_line(&e.hist_adv))).color(ADV),
                         );
                     });
+                menu(&shown.response, format!("image{}-effective-{}", pair.index, e.conv));
             });
             ui.vertical(|ui| {
                 ui.label("Filters whose scaling changed most");

@@ -153,7 +153,7 @@ pub fn show(
                 Some(c) => ui.label(format!("{} on the first {} test images", c.attack, c.n)),
                 None => ui.label("Press Compute to evaluate the open models."),
             };
-            Plot::new("acc_vs_eps")
+            let shown = Plot::new("acc_vs_eps")
                 .height(300.0)
                 .legend(Legend::default())
                 .x_axis_label("eps (L-inf, pixel units)")
@@ -172,11 +172,13 @@ pub fn show(
                         );
                     }
                 });
+            super::export_menu(&shown.response, "accuracy-vs-eps", commands);
         });
         ui.vertical(|ui| {
             ui.set_width(w);
             ui.label("Clean vs robust accuracy: each model's latest held-out record; dashed lines have equal W-Robust");
-            trade_off_plot(ui, "tab_trade_off", epochs, models);
+            let shown = trade_off_plot(ui, "tab_trade_off", epochs, models);
+            super::export_menu(&shown, "trade-off-scatter", commands);
         });
     });
     for c in &s.curves {

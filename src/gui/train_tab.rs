@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Command;
 use super::worker::{ModelSummary, PickPurpose, TrainRequest};
+use crate::export::{Figure, Series, Style};
 use crate::model::Arch;
 use crate::observe::Progress;
 use crate::train::{EpochReport, Method, OptimizerKind, Schedule, StepReport, TrainConfig, TrainEvent};
@@ -156,7 +157,7 @@ pub fn show(ui: &mut Ui, v: TrainView, commands: &mut Vec<Command>) {
         .default_size(270.0)
         .show(ui, |ui| settings(ui, v.form, v.running, v.data, commands));
     egui::CentralPanel::default().show(ui, |ui| {
-        egui::ScrollArea::vertical().show(ui, |ui| plots(ui, v.history, v.models));
+        egui::ScrollArea::vertical().show(ui, |ui| plots(ui, v.history, v.models, commands));
     });
 }
 
@@ -299,7 +300,117 @@ fn series(p: &mut egui_plot::PlotUi, name: &str, pts: Vec<[f64; 2]>, colour: Col
     p.points(Points::new(name, PlotPoints::from(pts)).radius(3.0).color(colour));
 }
 
-fn plots(ui: &mut Ui, h: &TrainHistory, models: &[ModelSummary]) {
+type Lines = Vec<(String, Vec<[f64; 2]>)>;
+
+/// The loss plot's lines and x axis: each loss term per step, or the loss per epoch of a record.
+fn loss_lines(h: &TrainHistory) -> (Lines, &'static str) {
+    if h.steps.is_empty() {
+        let pts = h.epochs.iter().map(|r| [r.epoch as f64 + 1.0, r.train_loss]).collect();
+        (vec![("loss".into(), pts)], "epoch")
+    } else {
+        (h.term_series(), "step")
+    }
+}
+
+/// Clean and robust accuracy per epoch.
+fn accuracy_lines(h: &TrainHistory) -> Lines {
+    let per = |f: fn(&EpochReport) -> f64| h.epochs.iter().map(|r| [r.epoch as f64 + 1.0, f(r)]).collect();
+    vec![
+        ("clean".into(), per(|r| r.clean_accuracy)),
+        ("robust".into(), per(|r| r.robust_accuracy)),
+    ]
+}
+
+/// The learning rate (per step, or per epoch of a record) and AW-Net's w_adv per step.
+fn lr_lines(h: &TrainHistory) -> (Lines, &'static str) {
+    if h.steps.is_empty() {
+        let lr = h.epochs.iter().map(|r| [r.epoch as f64 + 1.0, r.lr]).collect();
+        return (vec![("learning rate".into(), lr)], "epoch");
+    }
+    let lr = h.steps.iter().map(|s| [s.global_step as f64, s.lr]).collect();
+    let balance: Vec<[f64; 2]> = h
+        .steps
+        .iter()
+        .filter_map(|s| s.balance.map(|(_, a)| [s.global_step as f64, a]))
+        .collect();
+    let mut out = vec![("learning rate".into(), lr)];
+    if !balance.is_empty() {
+        out.push(("w_adv".into(), balance));
+    }
+    (out, "step")
+}
+
+fn trajectory(epochs: &[EpochReport]) -> Vec<[f64; 2]> {
+    epochs.iter().map(|r| [r.clean_accuracy, r.robust_accuracy]).collect()
+}
+
+/// The tab's four plots as figures for export, from the same lines the window draws.
+pub fn figures(h: &TrainHistory, models: &[ModelSummary]) -> Vec<Figure> {
+    let prov = crate::export::figures::provenance(serde_json::json!({
+        "shown": h.title,
+        "robust_label": h.epochs.last().map(|r| r.robust_label.clone()),
+        "monitor": h.epochs.last().map(|r| r.monitor.clone()),
+        "models": models.iter().map(|m| m.path.clone()).collect::<Vec<_>>(),
+    }));
+    let lines = |lines: Lines, style: Style| -> Vec<Series> {
+        lines
+            .into_iter()
+            .map(|(name, pts)| Series {
+                name,
+                style,
+                points: pts.iter().map(|p| (p[0], p[1])).collect(),
+            })
+            .collect()
+    };
+    let figure = |name: &str, title: String, x: &str, y: &str, series, range| Figure {
+        name: name.into(),
+        title,
+        x_label: x.into(),
+        y_label: y.into(),
+        series,
+        x_range: None,
+        y_range: range,
+        provenance: prov.clone(),
+    };
+    let (loss, loss_x) = loss_lines(h);
+    let (lr, lr_x) = lr_lines(h);
+    let epoch_style = if h.steps.is_empty() {
+        Style::LinePoints
+    } else {
+        Style::Line
+    };
+    let mut scatter = trade_off_figure(&h.epochs, models);
+    scatter.name = "train-trade-off".into();
+    vec![
+        figure(
+            "train-loss",
+            format!("Loss, {}", h.title),
+            loss_x,
+            "loss",
+            lines(loss, epoch_style),
+            None,
+        ),
+        figure(
+            "train-accuracy",
+            format!("Accuracy per epoch on held-out training images, {}", h.title),
+            "epoch",
+            "accuracy (fraction of images)",
+            lines(accuracy_lines(h), Style::LinePoints),
+            Some((0.0, 1.0)),
+        ),
+        figure(
+            "train-lr",
+            format!("Learning rate and w_adv, {}", h.title),
+            lr_x,
+            "learning rate / w_adv",
+            lines(lr, epoch_style),
+            None,
+        ),
+        scatter,
+    ]
+}
+
+fn plots(ui: &mut Ui, h: &TrainHistory, models: &[ModelSummary], commands: &mut Vec<Command>) {
     ui.heading(if h.title.is_empty() { "No run yet" } else { &h.title });
     if let Some(last) = h.steps.last() {
         let frac = last.global_step as f64 / h.total_steps.max(1) as f64;
@@ -321,32 +432,31 @@ fn plots(ui: &mut Ui, h: &TrainHistory, models: &[ModelSummary]) {
     ui.horizontal(|ui| {
         ui.vertical(|ui| {
             ui.set_width(w);
+            let (loss, x) = loss_lines(h);
             ui.label(if h.steps.is_empty() {
                 "Training loss per epoch"
             } else {
                 "Loss terms per step"
             });
-            Plot::new("loss_plot")
+            let r = Plot::new("loss_plot")
                 .height(220.0)
                 .legend(Legend::default())
-                .x_axis_label(if h.steps.is_empty() { "epoch" } else { "step" })
+                .x_axis_label(x)
                 .y_axis_label("loss")
                 .show(ui, |p| {
-                    if h.steps.is_empty() {
-                        let pts: Vec<[f64; 2]> =
-                            h.epochs.iter().map(|r| [r.epoch as f64 + 1.0, r.train_loss]).collect();
-                        p.line(Line::new("loss", PlotPoints::from(pts.clone())));
-                        p.points(Points::new("loss", PlotPoints::from(pts)).radius(3.0));
-                    }
-                    for (name, pts) in h.term_series() {
+                    for (name, pts) in loss {
+                        if h.steps.is_empty() {
+                            p.points(Points::new(name.clone(), PlotPoints::from(pts.clone())).radius(3.0));
+                        }
                         p.line(Line::new(name, PlotPoints::from(pts)));
                     }
                 });
+            super::export_menu(&r.response, "train-loss", commands);
         });
         ui.vertical(|ui| {
             ui.set_width(w);
             ui.label("Accuracy per epoch (held-out training images)");
-            Plot::new("acc_plot")
+            let r = Plot::new("acc_plot")
                 .height(220.0)
                 .legend(Legend::default())
                 .x_axis_label("epoch")
@@ -354,19 +464,11 @@ fn plots(ui: &mut Ui, h: &TrainHistory, models: &[ModelSummary]) {
                 .include_y(0.0)
                 .include_y(1.0)
                 .show(ui, |p| {
-                    let clean: Vec<[f64; 2]> = h
-                        .epochs
-                        .iter()
-                        .map(|r| [r.epoch as f64 + 1.0, r.clean_accuracy])
-                        .collect();
-                    let robust: Vec<[f64; 2]> = h
-                        .epochs
-                        .iter()
-                        .map(|r| [r.epoch as f64 + 1.0, r.robust_accuracy])
-                        .collect();
-                    series(p, "clean", clean, CLEAN);
-                    series(p, "robust", robust, ROBUST);
+                    for ((name, pts), colour) in accuracy_lines(h).into_iter().zip([CLEAN, ROBUST]) {
+                        series(p, &name, pts, colour);
+                    }
                 });
+            super::export_menu(&r.response, "train-accuracy", commands);
             if let Some(r) = h.epochs.last() {
                 ui.small(format!("robust: {}", r.robust_label));
             }
@@ -375,48 +477,59 @@ fn plots(ui: &mut Ui, h: &TrainHistory, models: &[ModelSummary]) {
     ui.horizontal(|ui| {
         ui.vertical(|ui| {
             ui.set_width(w);
-            let balance: Vec<[f64; 2]> = h
-                .steps
-                .iter()
-                .filter_map(|s| s.balance.map(|(_, a)| [s.global_step as f64, a]))
-                .collect();
             ui.label("Learning rate, and AW-Net's balancing weight w_adv");
-            Plot::new("lr_plot")
+            let (lines, x) = lr_lines(h);
+            let top = lines
+                .iter()
+                .flat_map(|(_, pts)| pts.iter().map(|p| p[1]))
+                .fold(0.0, f64::max);
+            let r = Plot::new("lr_plot")
                 .height(200.0)
                 .include_y(0.0)
-                .include_y(
-                    h.steps
-                        .iter()
-                        .map(|s| s.lr)
-                        .chain(h.epochs.iter().map(|r| r.lr))
-                        .fold(0.0, f64::max)
-                        * 1.1,
-                )
+                .include_y(top * 1.1)
                 .legend(Legend::default())
-                .x_axis_label(if h.steps.is_empty() { "epoch" } else { "step" })
+                .x_axis_label(x)
                 .show(ui, |p| {
-                    let lr: Vec<[f64; 2]> = h.steps.iter().map(|s| [s.global_step as f64, s.lr]).collect();
-                    let lr = if lr.is_empty() {
-                        h.epochs.iter().map(|r| [r.epoch as f64 + 1.0, r.lr]).collect()
-                    } else {
-                        lr
-                    };
-                    p.line(Line::new("learning rate", PlotPoints::from(lr)));
-                    if !balance.is_empty() {
-                        p.line(Line::new("w_adv", PlotPoints::from(balance)));
+                    for (name, pts) in lines {
+                        p.line(Line::new(name, PlotPoints::from(pts)));
                     }
                 });
+            super::export_menu(&r.response, "train-lr", commands);
         });
         ui.vertical(|ui| {
             ui.set_width(w);
             ui.label("Trade-off: clean vs robust accuracy, one point per epoch");
-            trade_off_plot(ui, "train_trade_off", &h.epochs, models);
+            let r = trade_off_plot(ui, "train_trade_off", &h.epochs, models);
+            super::export_menu(&r, "train-trade-off", commands);
         });
     });
 }
 
+/// [`trade_off_plot`] as a figure: the open models' points, equal-W-Robust lines, the run's
+/// trajectory.
+pub fn trade_off_figure(epochs: &[EpochReport], models: &[ModelSummary]) -> Figure {
+    let mut f = crate::export::figures::scatter(
+        &models
+            .iter()
+            .filter_map(|m| {
+                m.trade_off_point()
+                    .map(|(c, r, l)| (m.name.clone(), c, r, l.to_string()))
+            })
+            .collect::<Vec<_>>(),
+    );
+    let traj = trajectory(epochs);
+    if !traj.is_empty() {
+        f.series.push(Series {
+            name: "per epoch".into(),
+            style: Style::LinePoints,
+            points: traj.iter().map(|p| (p[0], p[1])).collect(),
+        });
+    }
+    f
+}
+
 /// Clean vs robust accuracy with iso-W-Robust lines, the run's trajectory and the open models.
-pub fn trade_off_plot(ui: &mut Ui, id: &str, epochs: &[EpochReport], models: &[ModelSummary]) {
+pub fn trade_off_plot(ui: &mut Ui, id: &str, epochs: &[EpochReport], models: &[ModelSummary]) -> egui::Response {
     Plot::new(id)
         .height(260.0)
         .data_aspect(1.0)
@@ -441,7 +554,7 @@ pub fn trade_off_plot(ui: &mut Ui, id: &str, epochs: &[EpochReport], models: &[M
                     .style(LineStyle::dashed_dense()),
                 );
             }
-            let traj: Vec<[f64; 2]> = epochs.iter().map(|r| [r.clean_accuracy, r.robust_accuracy]).collect();
+            let traj = trajectory(epochs);
             if !traj.is_empty() {
                 series(p, "per epoch", traj, CLEAN);
             }
@@ -454,7 +567,8 @@ pub fn trade_off_plot(ui: &mut Ui, id: &str, epochs: &[EpochReport], models: &[M
                     );
                 }
             }
-        });
+        })
+        .response
 }
 
 pub fn human_seconds(s: f64) -> String {

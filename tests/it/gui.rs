@@ -171,6 +171,125 @@ fn opening_a_corrupt_model_is_a_notification() {
     h.get_by_label("Start");
 }
 
+/// Every model file of the malformed corpus, opened at once through the file dialog's command:
+/// one notification per file, naming it, and the window keeps working.
+#[test]
+fn every_corrupt_model_of_the_corpus_is_a_notification() {
+    let corpus = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/malformed");
+    let files: Vec<PathBuf> = std::fs::read_dir(&corpus)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("model-"))
+        .collect();
+    assert!(files.len() >= 15, "{files:?}");
+    let app = App::new(
+        StartOptions {
+            models: files.clone(),
+            tab: Some(Tab::Filters),
+            screenshot: None,
+        },
+        None,
+        None,
+    );
+    let mut h = harness(app);
+    for _ in 0..1000 {
+        h.step();
+        if h.state().notifications.len() >= files.len() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let n = &h.state().notifications;
+    assert_eq!(n.len(), files.len(), "{n:?}");
+    for f in &files {
+        let name = f.file_name().unwrap().to_string_lossy();
+        assert!(
+            n.iter().any(|x| x.error && x.text.contains(name.as_ref())),
+            "no notification names {name}"
+        );
+    }
+    assert!(h.state().models.is_empty());
+    h.run_steps(4);
+    h.get_by_label("Train").click();
+    h.run_steps(4);
+    h.get_by_label("Start");
+}
+
+fn wait_for_notification(h: &mut Harness<'static, App>, count: usize) {
+    for _ in 0..1000 {
+        h.step();
+        if h.state().notifications.len() >= count {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("no notification came: {:?}", h.state().notifications);
+}
+
+/// Right-click > "Export this plot…" writes that plot alone (the figure names the tab's plots use
+/// exist), and a folder that cannot be written is an error notification with nothing written.
+#[test]
+fn one_plot_exports_alone_and_a_failed_export_is_a_notification() {
+    use awnet_lab::gui::worker::PickPurpose;
+    let mut h = harness(dry_app());
+    h.run_steps(2);
+    h.state_mut().inject(Event::Train(TrainEvent::Started {
+        epochs: 1,
+        steps_per_epoch: 10,
+        resumed_at: None,
+    }));
+    for k in 0..5 {
+        h.state_mut().inject(Event::Train(step(k, 2.0 - 0.1 * k as f64)));
+    }
+    h.state_mut().inject(Event::Train(epoch(0, 0.7, 0.2)));
+    h.run_steps(4);
+    let names: Vec<String> = h.state().tab_figures().0.into_iter().map(|f| f.name).collect();
+    for want in ["train-loss", "train-accuracy", "train-lr", "train-trade-off"] {
+        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    h.state_mut().export_only = Some("train-loss".into());
+    h.state_mut().inject(Event::Picked(
+        PickPurpose::ExportFigures,
+        Some(dir.path().to_path_buf()),
+    ));
+    wait_for_notification(&mut h, 1);
+    let note = &h.state().notifications[0];
+    assert!(
+        !note.error && note.text.starts_with("exported 4 files to"),
+        "{}",
+        note.text
+    );
+    let mut files: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        ["train-loss.csv", "train-loss.json", "train-loss.png", "train-loss.svg"]
+    );
+    // The CSV holds the plotted lines: the loss and its one term ("ce"), five steps each.
+    let csv = std::fs::read_to_string(dir.path().join("train-loss.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 2 * 5, "{csv}");
+    assert!(csv.contains("\"ce\",5,1.6"), "{csv}");
+
+    // A folder under a regular file cannot be made: an error, and no file appears anywhere.
+    let blocker = dir.path().join("a-file");
+    std::fs::write(&blocker, b"x").unwrap();
+    h.state_mut()
+        .inject(Event::Picked(PickPurpose::ExportFigures, Some(blocker.join("figures"))));
+    wait_for_notification(&mut h, 2);
+    let note = &h.state().notifications[1];
+    assert!(
+        note.error && note.text.contains("export failed after 0 files") && note.text.contains("a-file"),
+        "{}",
+        note.text
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 5);
+}
+
 #[test]
 fn tabs_switch_by_click() {
     let mut h = harness(dry_app());
