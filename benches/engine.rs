@@ -73,11 +73,17 @@ fn main() {
     let stat = model(ModelKind::Static, 0);
     let aw = model(ModelKind::Awnet, 0);
     let mut rows = Vec::new();
+    // AWNET_BENCH_ONLY=key,key runs only those workloads (keys as in the PyTorch reference).
+    let only = std::env::var("AWNET_BENCH_ONLY").ok();
+    let want = |key: &str| only.as_deref().is_none_or(|o| o.split(',').any(|k| k == key));
 
     for (key, what, m) in [
         ("infer_static", "inference, static small CNN", &stat),
         ("infer_awnet", "inference, AW-Net small CNN", &aw),
     ] {
+        if !want(key) {
+            continue;
+        }
         let net = m.frozen().unwrap();
         let s = time(2, 7, || {
             attack::predict(&net, &xs).unwrap();
@@ -113,6 +119,9 @@ fn main() {
             3,
         ),
     ] {
+        if !want(key) {
+            continue;
+        }
         let m = model(method.model_kind(), 3);
         let mut cfg = TrainConfig::new(method, "bench", 1, 0.1);
         cfg.teacher_clean = Some("a".into());
@@ -144,34 +153,38 @@ fn main() {
     let one = xs.narrow(0, 0, 1).unwrap();
     let mut pgd20 = AttackConfig::new(AttackKind::Pgd, 0.1);
     pgd20.steps = Some(20);
-    let s = time(2, 11, || {
-        let _ = attack::run(&net, &one, &ys[..1], &pgd20, &|| false).unwrap();
-    });
-    rows.push(Row {
-        key: "pgd20_one_image_ms",
-        what: "PGD-20 on one image, AW-Net (latency)",
-        unit: "ms",
-        value: 1000.0 * s,
-    });
+    if want("pgd20_one_image_ms") {
+        let s = time(2, 11, || {
+            let _ = attack::run(&net, &one, &ys[..1], &pgd20, &|| false).unwrap();
+        });
+        rows.push(Row {
+            key: "pgd20_one_image_ms",
+            what: "PGD-20 on one image, AW-Net (latency)",
+            unit: "ms",
+            value: 1000.0 * s,
+        });
+    }
 
-    let all: Vec<usize> = (0..1000).collect();
-    let labels: Vec<u32> = all.iter().map(|&i| u32::from(ds.labels[i])).collect();
-    let s = time(0, 1, || {
-        for chunk in all.chunks(128) {
-            let x = ds.images_tensor(chunk, &dev).unwrap();
-            let y = &labels[chunk[0]..chunk[0] + chunk.len()];
-            let Outcome::Done(r) = attack::run(&net, &x, y, &pgd20, &|| false).unwrap() else {
-                unreachable!()
-            };
-            attack::predict(&net, &r.adv).unwrap();
-        }
-    });
-    rows.push(Row {
-        key: "pgd20_eval_1000_s",
-        what: "PGD-20 on 1,000 images, AW-Net (all attacked)",
-        unit: "s",
-        value: s,
-    });
+    if want("pgd20_eval_1000_s") {
+        let all: Vec<usize> = (0..1000).collect();
+        let labels: Vec<u32> = all.iter().map(|&i| u32::from(ds.labels[i])).collect();
+        let s = time(0, 1, || {
+            for chunk in all.chunks(128) {
+                let x = ds.images_tensor(chunk, &dev).unwrap();
+                let y = &labels[chunk[0]..chunk[0] + chunk.len()];
+                let Outcome::Done(r) = attack::run(&net, &x, y, &pgd20, &|| false).unwrap() else {
+                    unreachable!()
+                };
+                attack::predict(&net, &r.adv).unwrap();
+            }
+        });
+        rows.push(Row {
+            key: "pgd20_eval_1000_s",
+            what: "PGD-20 on 1,000 images, AW-Net (all attacked)",
+            unit: "s",
+            value: s,
+        });
+    }
     rows.push(Row {
         key: "peak_rss_mib",
         what: "peak memory (resident)",

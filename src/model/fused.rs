@@ -85,40 +85,39 @@ impl CustomOp3 for AffineRelu {
             with_f32(y, |y| {
                 with_f32(x, |xv| {
                     with_f32(scale, |sc| {
-                        let plane = |p: usize, dx: Option<&mut [f32]>| -> (f32, f32) {
-                            let a = sc[coef(per_sample, c, p / c, p % c)];
+                        // The sums run in 8 lanes so that they vectorise (a single f32
+                        // accumulator is a serial chain); skipped when no coefficient wants them.
+                        let sums = |p: usize| -> (f32, f32) {
                             let r = p * hw..(p + 1) * hw;
                             let (dy, y, xv) = (&dy[r.clone()], &y[r.clone()], &xv[r]);
-                            let (mut sg, mut sgx) = (0f32, 0f32);
-                            match dx {
-                                Some(dx) => {
-                                    for i in 0..hw {
-                                        let g = if y[i] > 0.0 { dy[i] } else { 0.0 };
-                                        dx[i] = g * a;
-                                        sg += g;
-                                        sgx += g * xv[i];
-                                    }
-                                }
-                                None => {
-                                    for i in 0..hw {
-                                        let g = if y[i] > 0.0 { dy[i] } else { 0.0 };
-                                        sg += g;
-                                        sgx += g * xv[i];
-                                    }
-                                }
+                            let (mut sg, mut sgx) = ([0f32; 8], [0f32; 8]);
+                            for (k, ((dy, y), xv)) in dy.iter().zip(y).zip(xv).enumerate() {
+                                let g = if *y > 0.0 { *dy } else { 0.0 };
+                                sg[k % 8] += g;
+                                sgx[k % 8] += g * xv;
                             }
-                            (sg, sgx)
+                            (sg.iter().sum(), sgx.iter().sum())
+                        };
+                        let input_grad = |p: usize, dx: &mut [f32]| {
+                            let a = sc[coef(per_sample, c, p / c, p % c)];
+                            let r = p * hw..(p + 1) * hw;
+                            for ((dx, dy), y) in dx.iter_mut().zip(&dy[r.clone()]).zip(&y[r]) {
+                                *dx = if *y > 0.0 { dy * a } else { 0.0 };
+                            }
                         };
                         if want.0 {
                             let mut dx = vec![0f32; b * c * hw];
                             let sums = dx
                                 .par_chunks_mut(hw)
                                 .enumerate()
-                                .map(|(p, d)| plane(p, Some(d)))
+                                .map(|(p, d)| {
+                                    input_grad(p, d);
+                                    if want.1 { sums(p) } else { (0.0, 0.0) }
+                                })
                                 .collect();
                             Ok((Some(dx), sums))
                         } else if want.1 {
-                            Ok((None, (0..b * c).into_par_iter().map(|p| plane(p, None)).collect()))
+                            Ok((None, (0..b * c).into_par_iter().map(sums).collect()))
                         } else {
                             Ok((None, Vec::new()))
                         }
