@@ -36,6 +36,29 @@ fn coef(per_sample: bool, c: usize, bi: usize, ci: usize) -> usize {
     if per_sample { bi * c + ci } else { ci }
 }
 
+/// `count` planes of `hw` values, plane `p` being what `f(p)` yields, computed in parallel into a
+/// buffer that is never zeroed first (for these memory-bound ops that pass costs as much as the
+/// op itself).
+fn planes<I: Iterator<Item = f32>>(count: usize, hw: usize, f: impl Fn(usize) -> I + Sync + Send) -> Vec<f32> {
+    let n = count * hw;
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(hw.max(1))
+        .enumerate()
+        .for_each(|(p, plane)| {
+            let mut written = 0;
+            for (slot, value) in plane.iter_mut().zip(f(p)) {
+                slot.write(value);
+                written += 1;
+            }
+            assert_eq!(written, plane.len(), "a plane is written whole");
+        });
+    // SAFETY: every plane of the first `n` elements was written whole (asserted above; a panic
+    // there leaves the length at 0).
+    unsafe { v.set_len(n) };
+    v
+}
+
 impl CustomOp3 for AffineRelu {
     fn name(&self) -> &'static str {
         "awnet-affine-relu"
@@ -54,17 +77,11 @@ impl CustomOp3 for AffineRelu {
         let (_, c, h, w) = l1.shape().dims4()?;
         let per_sample = l2.dims().len() == 2;
         let hw = h * w;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(hw)
-            .zip(x.par_chunks(hw))
-            .enumerate()
-            .for_each(|(p, (y, x))| {
-                let k = coef(per_sample, c, p / c, p % c);
-                let (a, s) = (scale[k], shift[k]);
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = (x * a + s).max(0.0);
-                }
-            });
+        let y = planes(x.len() / hw.max(1), hw, |p| {
+            let k = coef(per_sample, c, p / c, p % c);
+            let (a, s) = (scale[k], shift[k]);
+            x[p * hw..(p + 1) * hw].iter().map(move |&x| (x * a + s).max(0.0))
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -98,23 +115,20 @@ impl CustomOp3 for AffineRelu {
                             }
                             (sg.iter().sum(), sgx.iter().sum())
                         };
-                        let input_grad = |p: usize, dx: &mut [f32]| {
-                            let a = sc[coef(per_sample, c, p / c, p % c)];
-                            let r = p * hw..(p + 1) * hw;
-                            for ((dx, dy), y) in dx.iter_mut().zip(&dy[r.clone()]).zip(&y[r]) {
-                                *dx = if *y > 0.0 { dy * a } else { 0.0 };
-                            }
-                        };
                         if want.0 {
-                            let mut dx = vec![0f32; b * c * hw];
-                            let sums = dx
-                                .par_chunks_mut(hw)
-                                .enumerate()
-                                .map(|(p, d)| {
-                                    input_grad(p, d);
-                                    if want.1 { sums(p) } else { (0.0, 0.0) }
-                                })
-                                .collect();
+                            let dx = planes(b * c, hw, |p| {
+                                let a = sc[coef(per_sample, c, p / c, p % c)];
+                                let r = p * hw..(p + 1) * hw;
+                                dy[r.clone()]
+                                    .iter()
+                                    .zip(&y[r])
+                                    .map(move |(dy, y)| if *y > 0.0 { dy * a } else { 0.0 })
+                            });
+                            let sums = if want.1 {
+                                (0..b * c).into_par_iter().map(sums).collect()
+                            } else {
+                                Vec::new()
+                            };
                             Ok((Some(dx), sums))
                         } else if want.1 {
                             Ok((None, (0..b * c).into_par_iter().map(sums).collect()))
@@ -337,17 +351,11 @@ impl CustomOp3 for BatchNormTrain {
         let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let (_, c, h, wd) = l1.shape().dims4()?;
         let hw = h * wd;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(hw)
-            .zip(x.par_chunks(hw))
-            .enumerate()
-            .for_each(|(p, (y, x))| {
-                let (m, is) = self.plane(c, p);
-                let (a, s) = (is * w[p % c], b[p % c] - m * is * w[p % c]);
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = x * a + s;
-                }
-            });
+        let y = planes(x.len() / hw.max(1), hw, |p| {
+            let (m, is) = self.plane(c, p);
+            let (a, s) = (is * w[p % c], b[p % c] - m * is * w[p % c]);
+            x[p * hw..(p + 1) * hw].iter().map(move |&x| x * a + s)
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -371,10 +379,13 @@ impl CustomOp3 for BatchNormTrain {
                         .map(|p| {
                             let (m, is) = self.plane(c, p);
                             let r = p * hw..(p + 1) * hw;
-                            dy[r.clone()]
-                                .iter()
-                                .zip(&xv[r])
-                                .fold((0f32, 0f32), |(s, sx), (&g, &x)| (s + g, sx + g * (x - m) * is))
+                            // In 8 lanes, so that the sums vectorise.
+                            let (mut s, mut sx) = ([0f32; 8], [0f32; 8]);
+                            for (k, (&g, &x)) in dy[r.clone()].iter().zip(&xv[r]).enumerate() {
+                                s[k % 8] += g;
+                                sx[k % 8] += g * (x - m) * is;
+                            }
+                            (s.iter().sum::<f32>(), sx.iter().sum::<f32>())
                         })
                         .collect();
                     let mut sums = vec![(0f32, 0f32); c];
@@ -383,17 +394,16 @@ impl CustomOp3 for BatchNormTrain {
                         sums[p % c].1 += sx;
                     }
                     let dx = x.track_op().then(|| {
-                        let mut dx = vec![0f32; b * c * hw];
-                        dx.par_chunks_mut(hw).enumerate().for_each(|(p, d)| {
+                        planes(b * c, hw, |p| {
                             let (m, is) = self.plane(c, p);
                             let (sg, sgx) = sums[p % c];
                             let k = wt[p % c] * is / n;
                             let r = p * hw..(p + 1) * hw;
-                            for ((d, &g), &x) in d.iter_mut().zip(&dy[r.clone()]).zip(&xv[r]) {
-                                *d = k * (n * g - sg - (x - m) * is * sgx);
-                            }
-                        });
-                        dx
+                            dy[r.clone()]
+                                .iter()
+                                .zip(&xv[r])
+                                .map(move |(&g, &x)| k * (n * g - sg - (x - m) * is * sgx))
+                        })
                     });
                     Ok((sums, dx))
                 })
