@@ -149,6 +149,68 @@ fn main() {
         });
     }
 
+    // ResNet-18 (the paper's CIFAR backbone, width 64) on 3x32x32 inputs: the same images padded
+    // by 2 pixels and repeated over three channels; batch 32.
+    let xr = xs
+        .narrow(0, 0, 32)
+        .and_then(|x| x.pad_with_zeros(2, 2, 2))
+        .and_then(|x| x.pad_with_zeros(3, 2, 2))
+        .and_then(|x| x.repeat((1, 3, 1, 1)))
+        .unwrap();
+    let resnet = || {
+        let c = ModelConfig::new(Arch::Resnet18, ModelKind::Static, 3, 32, 10);
+        Model::new(c, 4, DType::F32, &Device::Cpu).expect("ResNet-18 builds")
+    };
+    if want("resnet18_infer") {
+        let net = resnet().frozen().unwrap();
+        let s = time(1, 5, || {
+            attack::predict(&net, &xr).unwrap();
+        });
+        rows.push(Row {
+            key: "resnet18_infer",
+            what: "inference, ResNet-18 (3x32x32, batch 32)",
+            unit: "img/s",
+            value: 32.0 / s,
+        });
+    }
+    for (key, what, method, runs) in [
+        (
+            "resnet18_train_standard",
+            "training step, ResNet-18 (batch 32)",
+            Method::Standard,
+            3,
+        ),
+        (
+            "resnet18_train_pgd_at",
+            "PGD-10 adversarial training step, ResNet-18 (batch 32)",
+            Method::PgdAt,
+            2,
+        ),
+    ] {
+        if !want(key) {
+            continue;
+        }
+        let m = resnet();
+        let run = Run {
+            config: TrainConfig::new(method, "bench", 1, 8.0 / 255.0),
+            train: held,
+            monitor: held,
+            teachers: None,
+            out: "unused".into(),
+        };
+        let mut state = RunState::default();
+        let mut opt = Optimizer::new(&m, run.config.optimizer, 0.9, 5e-4);
+        let s = time(1, runs, || {
+            train::step(&m, &run, &mut state, &mut opt, &xr, &ys[..32], 0.05, 0).unwrap();
+        });
+        rows.push(Row {
+            key,
+            what,
+            unit: "img/s",
+            value: 32.0 / s,
+        });
+    }
+
     let net = aw.frozen().unwrap();
     let one = xs.narrow(0, 0, 1).unwrap();
     let mut pgd20 = AttackConfig::new(AttackKind::Pgd, 0.1);

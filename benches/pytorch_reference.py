@@ -88,6 +88,41 @@ class Net(nn.Module):
         return self.fc(h.mean((2, 3))), type_logits
 
 
+class Block(nn.Module):
+    def __init__(self, a, b, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(a, b, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(b)
+        self.conv2 = nn.Conv2d(b, b, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(b)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or a != b:
+            self.shortcut = nn.Sequential(nn.Conv2d(a, b, 1, stride, bias=False), nn.BatchNorm2d(b))
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """The CIFAR ResNet-18 of src/model/resnet.rs (3x3 stem, no max pool), static."""
+
+    def __init__(self, w=64, classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, w, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        layers, a = [], w
+        for mult, stride in [(1, 1), (2, 2), (4, 2), (8, 2)]:
+            layers += [Block(a, w * mult, stride), Block(w * mult, w * mult, 1)]
+            a = w * mult
+        self.layers = nn.Sequential(*layers)
+        self.linear = nn.Linear(8 * w, classes)
+
+    def forward(self, x, batch_type=0):
+        h = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.linear(h.mean((2, 3))), None
+
+
 def pgd(model, x, y, eps, steps, alpha, start):
     was = model.training
     model.eval()
@@ -153,6 +188,26 @@ def main():
             loss.backward()
             opt.step()
         out[key] = 128 / timed(1, runs, step)
+    xr = F.pad(x[:32], (2, 2, 2, 2)).repeat(1, 3, 1, 1)
+    yr = y[:32]
+    m = ResNet18().eval()
+    with torch.no_grad():
+        out["resnet18_infer"] = 32 / timed(1, 5, lambda: m(xr))
+    eps = 8 / 255
+    for key, method, runs in [("resnet18_train_standard", "standard", 3), ("resnet18_train_pgd_at", "pgd-at", 2)]:
+        m = ResNet18().train()
+        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+        def rstep():
+            opt.zero_grad()
+            if method == "standard":
+                loss = F.cross_entropy(m(xr)[0], yr)
+            else:
+                adv = pgd(m, xr, yr, eps, 10, eps / 4, xr + torch.empty_like(xr).uniform_(-eps, eps))
+                loss = F.cross_entropy(m(adv)[0], yr)
+            loss.backward()
+            opt.step()
+        out[key] = 32 / timed(1, runs, rstep)
     m = Net(True).eval()
     one, y1 = x[:1], y[:1]
     out["pgd20_one_image_ms"] = 1000 * timed(2, 11, lambda: pgd(m, one, y1, 0.1, 20, 0.0125, one + torch.empty_like(one).uniform_(-0.1, 0.1)))
