@@ -553,6 +553,9 @@ fn killed_runs_always_leave_a_checkpoint_that_loads_and_resumes() {
             .collect();
         assert!(stray.len() <= 1, "round {round}: {stray:?}");
     }
+    eprintln!(
+        "kill test: {kills} runs killed mid-way, {resumed} resumed from the newest checkpoint, every checkpoint loaded"
+    );
     assert!(kills >= 3, "only {kills} runs were killed mid-way");
     assert!(resumed >= 2, "only {resumed} runs resumed from a checkpoint");
     // A last uninterrupted resume finishes the epoch it was killed in, from what is on disk.
