@@ -88,39 +88,19 @@ class Net(nn.Module):
         return self.fc(h.mean((2, 3))), type_logits
 
 
-class Block(nn.Module):
-    def __init__(self, a, b, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(a, b, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(b)
-        self.conv2 = nn.Conv2d(b, b, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(b)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or a != b:
-            self.shortcut = nn.Sequential(nn.Conv2d(a, b, 1, stride, bias=False), nn.BatchNorm2d(b))
-
-    def forward(self, x):
-        h = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "fixtures"))
+from make_resnet18_fixture import ResNet18 as CifarResNet18  # noqa: E402 (the fixtures' model)
 
 
 class ResNet18(nn.Module):
-    """The CIFAR ResNet-18 of src/model/resnet.rs (3x3 stem, no max pool), static."""
+    """The CIFAR ResNet-18 of src/model/resnet.rs (width 64), returning (logits, None) like Net."""
 
-    def __init__(self, w=64, classes=10):
+    def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, w, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(w)
-        layers, a = [], w
-        for mult, stride in [(1, 1), (2, 2), (4, 2), (8, 2)]:
-            layers += [Block(a, w * mult, stride), Block(w * mult, w * mult, 1)]
-            a = w * mult
-        self.layers = nn.Sequential(*layers)
-        self.linear = nn.Linear(8 * w, classes)
+        self.net = CifarResNet18(width=64)
 
     def forward(self, x, batch_type=0):
-        h = self.layers(F.relu(self.bn1(self.conv1(x))))
-        return self.linear(h.mean((2, 3))), None
+        return self.net(x), None
 
 
 def pgd(model, x, y, eps, steps, alpha, start):
