@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use awnet_lab::attack::{self, AttackConfig, AttackKind};
 use awnet_lab::data::{self, Split};
-use awnet_lab::model::{Arch, Model, ModelConfig, ModelKind};
+use awnet_lab::model::{Arch, Model, ModelConfig, ModelKind, conv};
 use awnet_lab::observe::Outcome;
 use awnet_lab::train::{self, Method, Optimizer, Run, RunState, TrainConfig};
 use candle_core::{DType, Device};
@@ -149,6 +149,35 @@ fn main() {
         });
     }
 
+    // One convolution alone, the small CNN's 32 -> 64 channel 3x3 layer on 14x14 maps, batch 128:
+    // 0.925 GFLOP forward; the input gradient and the weight gradient cost the same again each.
+    if want("conv_gflops") {
+        let x = candle_core::Tensor::randn(0f32, 1.0, (128, 32, 14, 14), &dev).unwrap();
+        let w = candle_core::Tensor::randn(0f32, 0.1, (64, 32, 3, 3), &dev).unwrap();
+        let flop = 2.0 * 128.0 * 64.0 * 14.0 * 14.0 * 32.0 * 9.0;
+        let fwd = time(2, 9, || {
+            conv::conv2d(&x, &w, 1, 1).unwrap();
+        });
+        let xv = candle_core::Var::from_tensor(&x).unwrap();
+        let wv = candle_core::Var::from_tensor(&w).unwrap();
+        let both = time(2, 9, || {
+            let y = conv::conv2d(xv.as_tensor(), wv.as_tensor(), 1, 1).unwrap();
+            y.sum_all().unwrap().backward().unwrap();
+        });
+        rows.push(Row {
+            key: "conv_fwd_gflops",
+            what: "conv 32->64 3x3 on 14x14, batch 128: forward",
+            unit: "GFLOP/s",
+            value: flop / fwd / 1e9,
+        });
+        rows.push(Row {
+            key: "conv_fwd_bwd_gflops",
+            what: "  the same, forward + both gradients",
+            unit: "GFLOP/s",
+            value: 3.0 * flop / both / 1e9,
+        });
+    }
+
     // ResNet-18 (the paper's CIFAR backbone, width 64) on 3x32x32 inputs: the same images padded
     // by 2 pixels and repeated over three channels; batch 32.
     let xr = xs
@@ -273,7 +302,13 @@ fn main() {
     println!("{:<52} {:>12} {:>12} {:>8}", "workload", "candle", "PyTorch", "ratio");
     for r in &rows {
         let theirs = reference.as_ref().and_then(|v| v[r.key].as_f64());
-        let ratio = theirs.map(|t| if r.unit == "img/s" { r.value / t } else { t / r.value });
+        let ratio = theirs.map(|t| {
+            if matches!(r.unit, "img/s" | "GFLOP/s") {
+                r.value / t
+            } else {
+                t / r.value
+            }
+        });
         println!(
             "{:<52} {:>8.1} {:<3} {:>8} {:<3} {:>8}",
             r.what,
