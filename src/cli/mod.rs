@@ -159,7 +159,8 @@ pub struct TrainArgs {
     /// PGD steps of the per-epoch robustness check.
     #[arg(long, default_value_t = 10)]
     pub monitor_steps: usize,
-    /// Also write the checkpoint every N steps (besides every epoch end and Ctrl-C).
+    /// Also write the checkpoint every N steps (besides every epoch end and Ctrl-C); with
+    /// --resume it replaces the stored one (with --epochs, all a resumed run takes from the command).
     #[arg(long)]
     pub checkpoint_every: Option<usize>,
     /// No random crop or flip.

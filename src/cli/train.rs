@@ -129,7 +129,12 @@ fn schedule(s: &str) -> Result<Schedule> {
 
 pub fn run(a: &TrainArgs) -> Result<()> {
     let mut prepared = if a.resume {
-        train::setup::resume_run(&a.out, Some(a.epochs))?
+        let mut p = train::setup::resume_run(&a.out, Some(a.epochs))?;
+        // How often to save does not change the weights, so a resumed run may change it.
+        if a.checkpoint_every.is_some() {
+            p.config.checkpoint_every = a.checkpoint_every;
+        }
+        p
     } else {
         let eps = match &a.eps {
             Some(e) => crate::attack::parse_eps(e).map_err(anyhow::Error::msg)?,
