@@ -63,7 +63,7 @@ struct Row {
 }
 
 fn main() {
-    awnet_lab::tune_allocator();
+    awnet_lab::tune_runtime();
     let assets = awnet_lab::data::resolve::assets_dir().join(awnet_lab::data::resolve::BUNDLED_SUBSET);
     let ds = data::load(assets.to_str().expect("utf-8 path"), Split::Test, None).expect("the bundled subset loads");
     let dev = Device::Cpu;
