@@ -8,6 +8,9 @@
 //! other devices and dtypes keep candle's convolution (`conv2d`).
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType, bail};
+use std::any::Any;
+use std::cell::RefCell;
+
 use rayon::prelude::*;
 
 /// Square kernel, equal stride and padding on both axes, no dilation, no groups.
@@ -105,10 +108,10 @@ fn im2col<T: WithDType>(g: &Geom, x: &[T], cols: &mut [T]) {
     }
 }
 
-/// The adjoint of `im2col`: adds every column entry back onto the pixel it was read from.
+/// The adjoint of `im2col`: adds every column entry onto the pixel it was read from, in `dx`,
+/// which the caller zeroes.
 fn col2im<T: WithDType>(g: &Geom, cols: &[T], dx: &mut [T]) {
     let (k, s, p, wo, ho) = (g.k, g.stride, g.pad, g.w_out, g.h_out);
-    dx.fill(T::zero());
     for ci in 0..g.c_in {
         let plane = &mut dx[ci * g.hw()..(ci + 1) * g.hw()];
         for ki in 0..k {
@@ -211,37 +214,68 @@ fn chunk(b: usize) -> usize {
     b.div_ceil(4 * rayon::current_num_threads()).max(1)
 }
 
+thread_local! {
+    /// Each thread's column matrices, one per dtype, kept between calls.
+    static COLS: RefCell<Vec<Box<dyn Any>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `f` over a column-matrix buffer of `n` values that this thread keeps between calls. Its
+/// contents are stale, and are never zeroed: `im2col` and a product that does not accumulate
+/// write every element before anything reads it (zeroing cost about as much as filling it).
+fn with_cols<T: WithDType, R>(n: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+    let held = COLS.with_borrow_mut(|held| {
+        let i = held.iter().position(|b| b.is::<Vec<T>>())?;
+        held.swap_remove(i).downcast::<Vec<T>>().ok()
+    });
+    let mut buf = held.map(|b| *b).unwrap_or_default();
+    if buf.len() < n {
+        buf.resize(n, T::zero());
+    }
+    let r = f(&mut buf[..n]);
+    COLS.with_borrow_mut(|held| held.push(Box::new(buf)));
+    r
+}
+
+/// `f(t, chunk)` for every chunk `t` of `size` values, on rayon's pool; inline when there is only
+/// one, since handing a single task to the pool adds a thread wake-up (tens of microseconds, and
+/// erratic on a virtual machine) to every convolution of an attack on one image.
+fn each_chunk<T: Send>(v: &mut [T], size: usize, f: impl Fn(usize, &mut [T]) + Send + Sync) {
+    if v.len() <= size {
+        f(0, v)
+    } else {
+        v.par_chunks_mut(size).enumerate().for_each(|(t, c)| f(t, c))
+    }
+}
+
 fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     let (kd, hwo) = (g.kdim(), g.hw_out());
     let mut out = vec![T::zero(); g.b * g.c_out * hwo];
     let c = chunk(g.b);
-    out.par_chunks_mut(c * g.c_out * hwo).enumerate().for_each(|(t, out)| {
-        let mut cols = if g.is_pointwise() {
-            Vec::new()
-        } else {
-            vec![T::zero(); kd * hwo]
-        };
-        for (i, out) in out.chunks_mut(g.c_out * hwo).enumerate() {
-            let x = &x[(t * c + i) * g.c_in * g.hw()..][..g.c_in * g.hw()];
-            let rhs = if g.is_pointwise() {
-                x
-            } else {
-                im2col(g, x, &mut cols);
-                &cols
-            };
-            // SAFETY: w is [c_out, kd], rhs [kd, hwo], out [c_out, hwo], all row-major.
-            unsafe {
-                matmul(
-                    g.c_out,
-                    hwo,
-                    kd,
-                    out,
-                    false,
-                    Mat::rows(w.as_ptr(), kd),
-                    Mat::rows(rhs.as_ptr(), hwo),
-                )
-            };
-        }
+    let cols_len = if g.is_pointwise() { 0 } else { kd * hwo };
+    each_chunk(&mut out, c * g.c_out * hwo, |t, out| {
+        with_cols(cols_len, |cols: &mut [T]| {
+            for (i, out) in out.chunks_mut(g.c_out * hwo).enumerate() {
+                let x = &x[(t * c + i) * g.c_in * g.hw()..][..g.c_in * g.hw()];
+                let rhs: &[T] = if g.is_pointwise() {
+                    x
+                } else {
+                    im2col(g, x, cols);
+                    cols
+                };
+                // SAFETY: w is [c_out, kd], rhs [kd, hwo], out [c_out, hwo], all row-major.
+                unsafe {
+                    matmul(
+                        g.c_out,
+                        hwo,
+                        kd,
+                        out,
+                        false,
+                        Mat::rows(w.as_ptr(), kd),
+                        Mat::rows(rhs.as_ptr(), hwo),
+                    )
+                };
+            }
+        })
     });
     out
 }
@@ -251,31 +285,29 @@ fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
     let (kd, hwo) = (g.kdim(), g.hw_out());
     let mut dx = vec![T::zero(); g.b * g.c_in * g.hw()];
     let c = chunk(g.b);
-    dx.par_chunks_mut(c * g.c_in * g.hw()).enumerate().for_each(|(t, dx)| {
-        let mut cols = if g.is_pointwise() {
-            Vec::new()
-        } else {
-            vec![T::zero(); kd * hwo]
-        };
-        for (i, dx) in dx.chunks_mut(g.c_in * g.hw()).enumerate() {
-            let dy = &dy[(t * c + i) * g.c_out * hwo..][..g.c_out * hwo];
-            let dst = if g.is_pointwise() { &mut *dx } else { &mut cols[..] };
-            // SAFETY: w^T is [kd, c_out], dy [c_out, hwo], dst [kd, hwo].
-            unsafe {
-                matmul(
-                    kd,
-                    hwo,
-                    g.c_out,
-                    dst,
-                    false,
-                    Mat::transposed(w.as_ptr(), kd),
-                    Mat::rows(dy.as_ptr(), hwo),
-                )
-            };
-            if !g.is_pointwise() {
-                col2im(g, &cols, dx);
+    let cols_len = if g.is_pointwise() { 0 } else { kd * hwo };
+    each_chunk(&mut dx, c * g.c_in * g.hw(), |t, dx| {
+        with_cols(cols_len, |cols: &mut [T]| {
+            for (i, dx) in dx.chunks_mut(g.c_in * g.hw()).enumerate() {
+                let dy = &dy[(t * c + i) * g.c_out * hwo..][..g.c_out * hwo];
+                let dst = if g.is_pointwise() { &mut *dx } else { &mut *cols };
+                // SAFETY: w^T is [kd, c_out], dy [c_out, hwo], dst [kd, hwo].
+                unsafe {
+                    matmul(
+                        kd,
+                        hwo,
+                        g.c_out,
+                        dst,
+                        false,
+                        Mat::transposed(w.as_ptr(), kd),
+                        Mat::rows(dy.as_ptr(), hwo),
+                    )
+                };
+                if !g.is_pointwise() {
+                    col2im(g, cols, dx);
+                }
             }
-        }
+        })
     });
     dx
 }
@@ -286,36 +318,38 @@ fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
     let c = chunk(g.b);
     let partial = |t: usize| {
         let mut dw = vec![T::zero(); g.c_out * kd];
-        let mut cols = if g.is_pointwise() {
-            Vec::new()
-        } else {
-            vec![T::zero(); kd * hwo]
-        };
-        for (i, sample) in (t * c..((t + 1) * c).min(g.b)).enumerate() {
-            let x = &x[sample * g.c_in * g.hw()..][..g.c_in * g.hw()];
-            let dy = &dy[sample * g.c_out * hwo..][..g.c_out * hwo];
-            let cols = if g.is_pointwise() {
-                x
-            } else {
-                im2col(g, x, &mut cols);
-                &cols
-            };
-            // SAFETY: dy is [c_out, hwo], cols^T [hwo, kd], dw [c_out, kd].
-            unsafe {
-                matmul(
-                    g.c_out,
-                    kd,
-                    hwo,
-                    &mut dw,
-                    i > 0,
-                    Mat::rows(dy.as_ptr(), hwo),
-                    Mat::transposed(cols.as_ptr(), hwo),
-                )
-            };
-        }
+        let cols_len = if g.is_pointwise() { 0 } else { kd * hwo };
+        with_cols(cols_len, |buf: &mut [T]| {
+            for (i, sample) in (t * c..((t + 1) * c).min(g.b)).enumerate() {
+                let x = &x[sample * g.c_in * g.hw()..][..g.c_in * g.hw()];
+                let dy = &dy[sample * g.c_out * hwo..][..g.c_out * hwo];
+                let cols: &[T] = if g.is_pointwise() {
+                    x
+                } else {
+                    im2col(g, x, buf);
+                    buf
+                };
+                // SAFETY: dy is [c_out, hwo], cols^T [hwo, kd], dw [c_out, kd].
+                unsafe {
+                    matmul(
+                        g.c_out,
+                        kd,
+                        hwo,
+                        &mut dw,
+                        i > 0,
+                        Mat::rows(dy.as_ptr(), hwo),
+                        Mat::transposed(cols.as_ptr(), hwo),
+                    )
+                };
+            }
+        });
         dw
     };
-    (0..g.b.div_ceil(c))
+    let tasks = g.b.div_ceil(c);
+    if tasks == 1 {
+        return partial(0);
+    }
+    (0..tasks)
         .into_par_iter()
         .map(partial)
         .reduce_with(|mut a, b| {
