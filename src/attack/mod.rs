@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 pub use loss::Objective;
 
+use crate::model::plain::PlainSmallCnn;
 use crate::model::{Forward, ModelError, Network};
 use crate::observe::Outcome;
 
@@ -36,11 +37,21 @@ type Result<T> = std::result::Result<T, AttackError>;
 /// A model under attack: `[b, c, h, w]` in [0, 1] to its forward pass, in inference mode.
 pub trait Classifier {
     fn forward(&self, xs: &Tensor) -> std::result::Result<Forward, ModelError>;
+
+    /// The hand-written inference path of [`crate::model::plain`], where the model has one;
+    /// attacks take their gradients from it instead of autograd.
+    fn plain(&self) -> std::result::Result<Option<PlainSmallCnn>, ModelError> {
+        Ok(None)
+    }
 }
 
 impl Classifier for Network {
     fn forward(&self, xs: &Tensor) -> std::result::Result<Forward, ModelError> {
         Network::forward(self, xs, crate::model::Mode::Eval)
+    }
+
+    fn plain(&self) -> std::result::Result<Option<PlainSmallCnn>, ModelError> {
+        Network::plain(self)
     }
 }
 
@@ -378,6 +389,12 @@ pub(crate) fn loss_and_grad(
     target: Option<&[u32]>,
     obj: Objective,
 ) -> Result<(Vec<f32>, Tensor, Vec<u32>)> {
+    if x.dtype() == DType::F32
+        && x.device().is_cpu()
+        && let Some(plain) = model.plain()?
+    {
+        return plain_loss_and_grad(&plain, x, labels, target, obj);
+    }
     let var = candle_core::Var::from_tensor(&x.detach())?;
     let out = model.forward(var.as_tensor())?;
     let loss = loss::objective(&out, labels, target, obj)?;
@@ -389,6 +406,60 @@ pub(crate) fn loss_and_grad(
         .detach();
     let pred = out.logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
     Ok((loss.to_dtype(DType::F32)?.to_vec1::<f32>()?, grad, pred))
+}
+
+/// [`loss_and_grad`] through the hand-written path: the objective itself still goes through
+/// `loss::objective` (on the `[b, classes]` logits, with autograd for their gradient), so both
+/// routes climb exactly the same function.
+fn plain_loss_and_grad(
+    plain: &PlainSmallCnn,
+    x: &Tensor,
+    labels: &[u32],
+    target: Option<&[u32]>,
+    obj: Objective,
+) -> Result<(Vec<f32>, Tensor, Vec<u32>)> {
+    let b = x.dim(0)?;
+    let dev = x.device();
+    let pixels = x.flatten_all()?.to_vec1::<f32>()?;
+    let mut losses = Vec::new();
+    let (out, dx) = plain.input_grad(&pixels, b, |o| {
+        let k = o.logits.len() / b.max(1);
+        let z = candle_core::Var::from_vec(o.logits.clone(), (b, k), dev)?;
+        let t = o
+            .type_logits
+            .as_ref()
+            .map(|t| candle_core::Var::from_vec(t.clone(), (b, 2), dev))
+            .transpose()?;
+        let fwd = Forward {
+            logits: z.as_tensor().clone(),
+            type_logits: t.as_ref().map(|t| t.as_tensor().clone()),
+            signals: Vec::new(),
+        };
+        let loss = loss::objective(&fwd, labels, target, obj)?;
+        let grads = loss.sum_all()?.backward()?;
+        let flat = |v: &candle_core::Var| {
+            grads
+                .get(v.as_tensor())
+                .map(|g| g.flatten_all()?.to_vec1::<f32>())
+                .transpose()
+        };
+        let dz = flat(&z)?.unwrap_or_else(|| vec![0.0; b * k]);
+        let dt = t.as_ref().map(flat).transpose()?.flatten();
+        losses = loss.to_vec1::<f32>()?;
+        Ok((dz, dt))
+    })?;
+    let k = out.logits.len() / b.max(1);
+    let pred = out
+        .logits
+        .chunks(k)
+        .map(|row| {
+            // The first maximum, as candle's argmax.
+            row.iter()
+                .enumerate()
+                .fold(0, |m, (i, v)| if *v > row[m] { i } else { m }) as u32
+        })
+        .collect();
+    Ok((losses, Tensor::from_vec(dx, x.shape(), dev)?, pred))
 }
 
 /// Back into the eps-ball around `x` and into [0, 1].

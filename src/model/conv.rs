@@ -359,6 +359,40 @@ fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
         .unwrap_or_else(|| vec![T::zero(); g.c_out * kd])
 }
 
+/// `conv(x, w)` over plain slices, for code that keeps its own buffers: `x` `[b, c_in, h, w]`
+/// and `w` `[c_out, c_in, k, k]` give `[b, c_out, h_out, w_out]`, returned with its shape.
+pub(crate) fn forward_slices<T: WithDType>(
+    x: &[T],
+    x_dims: [usize; 4],
+    w: &[T],
+    w_dims: [usize; 4],
+    stride: usize,
+    pad: usize,
+) -> Result<(Vec<T>, [usize; 4])> {
+    let g = Geom::new(&x_dims, &w_dims, stride, pad)?;
+    if x.len() != x_dims.iter().product::<usize>() || w.len() != w_dims.iter().product::<usize>() {
+        bail!("convolution buffers do not match their shapes {x_dims:?} and {w_dims:?}")
+    }
+    Ok((forward(&g, x, w), [g.b, g.c_out, g.h_out, g.w_out]))
+}
+
+/// The input gradient of [`forward_slices`]: `dy` `[b, c_out, h_out, w_out]` to `[b, c_in, h, w]`
+/// for an input of shape `x_dims`.
+pub(crate) fn input_grad_slices<T: WithDType>(
+    dy: &[T],
+    x_dims: [usize; 4],
+    w: &[T],
+    w_dims: [usize; 4],
+    stride: usize,
+    pad: usize,
+) -> Result<Vec<T>> {
+    let g = Geom::new(&x_dims, &w_dims, stride, pad)?;
+    if dy.len() != g.b * g.c_out * g.hw_out() || w.len() != w_dims.iter().product::<usize>() {
+        bail!("convolution gradient buffers do not match the shapes {x_dims:?} and {w_dims:?}")
+    }
+    Ok(input_grad(&g, dy, w))
+}
+
 /// A contiguous slice of a CPU storage of dtype `T`.
 fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     let Some((start, end)) = l.contiguous_offsets() else {

@@ -59,6 +59,15 @@ impl Conv2d {
         self.stride
     }
 
+    pub fn padding(&self) -> usize {
+        self.padding
+    }
+
+    /// `[c_out]`, when the convolution has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     /// Output side length for an input side length.
     pub fn out_size(&self, size: usize) -> usize {
         let k = self.weight.dims()[3];
@@ -98,6 +107,11 @@ impl Linear {
     /// `[out, in]`
     pub fn weight(&self) -> &Tensor {
         &self.weight
+    }
+
+    /// `[out]`
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
     }
 }
 

@@ -7,6 +7,7 @@ pub mod fused;
 pub mod init;
 pub mod layers;
 pub mod norm;
+pub mod plain;
 pub mod pytorch;
 pub mod resnet;
 pub mod router;
@@ -359,6 +360,20 @@ impl Network {
 
     pub fn is_awnet(&self) -> bool {
         self.router.is_some()
+    }
+
+    /// A snapshot of the network for [`plain`]'s hand-written inference and input gradient: the
+    /// small CNN with f32 weights on the CPU; `None` for anything else.
+    pub fn plain(&self) -> Result<Option<plain::PlainSmallCnn>> {
+        match &self.backbone {
+            Backbone::Small(b) if b.is_cpu_f32() => Ok(Some(plain::PlainSmallCnn::new(
+                b,
+                self.router.as_ref(),
+                self.in_channels,
+                self.image_size,
+            )?)),
+            _ => Ok(None),
+        }
     }
 }
 

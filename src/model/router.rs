@@ -41,11 +41,11 @@ pub struct RouterOutput {
 
 #[derive(Clone, Debug)]
 pub struct Router {
-    features: Vec<Conv2d>,
-    type_hidden: Linear,
-    type_out: Linear,
-    signal_heads: Vec<Linear>,
-    signal_scale: f64,
+    pub(super) features: Vec<Conv2d>,
+    pub(super) type_hidden: Linear,
+    pub(super) type_out: Linear,
+    pub(super) signal_heads: Vec<Linear>,
+    pub(super) signal_scale: f64,
 }
 
 impl Router {

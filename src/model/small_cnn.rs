@@ -20,18 +20,18 @@ use super::norm::{Norm, NormCtx};
 use super::{ConvInfo, ModelConfig, ModelKind};
 
 #[derive(Clone, Debug)]
-struct Block {
-    conv: Conv2d,
-    bn: Norm,
-    pool: bool,
+pub(super) struct Block {
+    pub(super) conv: Conv2d,
+    pub(super) bn: Norm,
+    pub(super) pool: bool,
 }
 
 #[derive(Clone, Debug)]
 pub struct SmallCnn {
-    stem: Conv2d,
-    stem_bn: Norm,
-    blocks: Vec<Block>,
-    fc: Linear,
+    pub(super) stem: Conv2d,
+    pub(super) stem_bn: Norm,
+    pub(super) blocks: Vec<Block>,
+    pub(super) fc: Linear,
     image_size: usize,
 }
 
@@ -102,6 +102,12 @@ impl SmallCnn {
             }
         }
         out
+    }
+
+    /// Weights in f32 on the CPU, what [`super::plain`] takes.
+    pub fn is_cpu_f32(&self) -> bool {
+        let w = self.stem.weight();
+        w.device().is_cpu() && w.dtype() == candle_core::DType::F32
     }
 
     pub fn classifier(&self) -> (&'static str, &Linear) {

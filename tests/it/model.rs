@@ -426,3 +426,70 @@ fn non_finite_weights_are_refused() {
         .to_string();
     assert!(err.contains("NaN or infinite values: fc.weight"), "{err}");
 }
+
+/// The hand-written inference path (`model::plain`) against the candle graph and autograd:
+/// logits, type logits, signals, and the input gradient of a weighted sum of logits and type
+/// logits, for static models and AW-Net with every path randomised (MixBN pairs that differ,
+/// signal heads that are not zero), at two sizes and batch sizes 1 and 3.
+#[test]
+fn plain_path_matches_the_graph_and_autograd() {
+    let full = |kind| {
+        let mut c = awnet_lab::ModelConfig::new(Arch::SmallCnn, kind, 1, 28, 10);
+        c.width = 8;
+        c
+    };
+    for (i, config) in [
+        tiny_config(Arch::SmallCnn, ModelKind::Static),
+        tiny_config(Arch::SmallCnn, ModelKind::Awnet),
+        full(ModelKind::Static),
+        full(ModelKind::Awnet),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let model = Model::new(config.clone(), 1, DType::F32, &Device::Cpu).unwrap();
+        randomise(&model, 10 + i as u64);
+        let net = model.frozen().unwrap();
+        let plain = net.plain().unwrap().expect("a small CNN in f32 has the plain path");
+        let (c, s, k) = (config.in_channels, config.image_size, config.num_classes);
+        for b in [1, 3] {
+            let what = format!("{:?} {s}x{s}, batch {b}", config.kind);
+            let x = Var::from_tensor(&tensor(&[b, c, s, s], 20 + i as u64, 0.0, 1.0, DType::F32)).unwrap();
+            let reference = net.forward(x.as_tensor(), Mode::Eval).unwrap();
+            let dz = tensor(&[b, k], 30, -1.0, 1.0, DType::F32);
+            let dt = tensor(&[b, 2], 31, -1.0, 1.0, DType::F32);
+            let mut objective = (&reference.logits * &dz).unwrap().sum_all().unwrap();
+            if let Some(t) = &reference.type_logits {
+                objective = (objective + (t * &dt).unwrap().sum_all().unwrap()).unwrap();
+            }
+            let want = to_vec(objective.backward().unwrap().get(x.as_tensor()).unwrap());
+            let pixels: Vec<f32> = x.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            let (out, got) = plain
+                .input_grad(&pixels, b, |_| {
+                    Ok((dz.flatten_all()?.to_vec1()?, Some(dt.flatten_all()?.to_vec1()?)))
+                })
+                .unwrap();
+            let f64s = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+            assert_close(
+                &f64s(&out.logits),
+                &to_vec(&reference.logits),
+                1e-5,
+                &format!("{what}: logits"),
+            );
+            match (&out.type_logits, &reference.type_logits) {
+                (Some(a), Some(b)) => assert_close(&f64s(a), &to_vec(b), 1e-5, &format!("{what}: type logits")),
+                (None, None) => {}
+                _ => panic!("{what}: type logits on one path only"),
+            }
+            assert_eq!(out.signals.len(), reference.signals.len(), "{what}: signals");
+            for (a, b) in out.signals.iter().zip(&reference.signals) {
+                assert_close(&f64s(a), &to_vec(b), 1e-5, &format!("{what}: signals"));
+            }
+            assert!(
+                want.iter().any(|&g| g.abs() > 1e-3),
+                "{what}: a gradient worth comparing"
+            );
+            assert_close(&f64s(&got), &want, 1e-4, &format!("{what}: input gradient"));
+        }
+    }
+}

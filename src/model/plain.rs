@@ -1,0 +1,524 @@
+//! The small CNN, with AW-Net's router, in inference mode as loops over plain `f32` buffers, with
+//! its input gradient written out by hand: what an attack needs, without an autograd graph.
+//!
+//! Through candle, one PGD step on one image is about 80 tensor ops forward and as many backward,
+//! each allocating its result, and autograd adds a zero tensor and an addition per gradient; at
+//! batch 1 that bookkeeping, not arithmetic, was most of the step. Here a step is the
+//! convolutions (the project's kernels, `conv`) and a few passes over small buffers.
+//!
+//! The maths is the candle path's, op for op: eval-mode BatchNorm (or MixBN's soft mix by the
+//! router's `p_clean`) as a per-channel affine map with the block's signals folded into its
+//! scale, ReLU, 2x2 max pooling (the gradient to the first maximum), global average pooling. The
+//! backward includes every path AW-Net has from the input: through the backbone, through the
+//! signals into the router, and through MixBN's mixing weight into the router's type head.
+//! ReLU's gradient at exactly zero follows candle's (router: passed; backbone: not), so the two
+//! paths agree to rounding (checked by `plain_path_matches_autograd` in `attack`'s tests).
+
+use candle_core::{DType, Result, Tensor, bail};
+use rayon::prelude::*;
+
+use super::conv::{forward_slices, input_grad_slices};
+use super::layers::{Conv2d, Linear};
+use super::norm::Norm;
+use super::router::Router;
+use super::small_cnn::SmallCnn;
+
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
+}
+
+struct PConv {
+    w: Vec<f32>,
+    w_dims: [usize; 4],
+    bias: Option<Vec<f32>>,
+    stride: usize,
+    pad: usize,
+}
+
+impl PConv {
+    fn new(c: &Conv2d) -> Result<Self> {
+        let d = c.weight().dims();
+        Ok(Self {
+            w: values(c.weight())?,
+            w_dims: [d[0], d[1], d[2], d[3]],
+            bias: c.bias().map(values).transpose()?,
+            stride: c.stride(),
+            pad: c.padding(),
+        })
+    }
+
+    fn forward(&self, x: &[f32], x_dims: [usize; 4]) -> Result<(Vec<f32>, [usize; 4])> {
+        let (mut y, d) = forward_slices(x, x_dims, &self.w, self.w_dims, self.stride, self.pad)?;
+        if let Some(bias) = &self.bias {
+            let hw = d[2] * d[3];
+            for (p, plane) in y.chunks_mut(hw).enumerate() {
+                let b = bias[p % d[1]];
+                plane.iter_mut().for_each(|v| *v += b);
+            }
+        }
+        Ok((y, d))
+    }
+
+    fn input_grad(&self, dy: &[f32], x_dims: [usize; 4]) -> Result<Vec<f32>> {
+        input_grad_slices(dy, x_dims, &self.w, self.w_dims, self.stride, self.pad)
+    }
+}
+
+/// `y = x W^T + b`, `W` `[out, in]`.
+struct PLinear {
+    w: Vec<f32>,
+    b: Vec<f32>,
+    d_in: usize,
+    d_out: usize,
+}
+
+impl PLinear {
+    fn new(l: &Linear) -> Result<Self> {
+        let (d_out, d_in) = l.weight().dims2()?;
+        Ok(Self {
+            w: values(l.weight())?,
+            b: values(l.bias())?,
+            d_in,
+            d_out,
+        })
+    }
+
+    /// `[b, in]` to `[b, out]`.
+    fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let mut y = Vec::with_capacity(x.len() / self.d_in * self.d_out);
+        for row in x.chunks(self.d_in) {
+            for (o, w) in self.w.chunks(self.d_in).enumerate() {
+                y.push(row.iter().zip(w).map(|(a, b)| a * b).sum::<f32>() + self.b[o]);
+            }
+        }
+        y
+    }
+
+    /// `dx += dy W`, `dy` `[b, out]`, `dx` `[b, in]`.
+    fn add_input_grad(&self, dy: &[f32], dx: &mut [f32]) {
+        for (dy, dx) in dy.chunks(self.d_out).zip(dx.chunks_mut(self.d_in)) {
+            for (g, w) in dy.iter().zip(self.w.chunks(self.d_in)) {
+                dx.iter_mut().zip(w).for_each(|(d, w)| *d += g * w);
+            }
+        }
+    }
+}
+
+/// Eval-mode normalisation as `z * scale(p) + shift(p)` with `scale(p) = adv + p (clean - adv)`:
+/// MixBN's soft mix by `p_clean`, or a single BN stored twice (so `p` drops out exactly).
+struct PNorm {
+    scale: [Vec<f32>; 2],
+    shift: [Vec<f32>; 2],
+}
+
+impl PNorm {
+    fn new(n: &Norm) -> Result<Self> {
+        let ((sc, hc), (sa, ha)) = match n {
+            Norm::Single(bn) => (bn.affine()?, bn.affine()?),
+            Norm::Mix { clean, adv } => (clean.affine()?, adv.affine()?),
+        };
+        Ok(Self {
+            scale: [values(&sc)?, values(&sa)?],
+            shift: [values(&hc)?, values(&ha)?],
+        })
+    }
+
+    fn mixed(v: &[Vec<f32>; 2], p: f32, c: usize) -> f32 {
+        p * (v[0][c] - v[1][c]) + v[1][c]
+    }
+}
+
+struct Stage {
+    conv: PConv,
+    norm: PNorm,
+    pool: bool,
+    /// Which router signal scales this stage's filters.
+    signal: Option<usize>,
+}
+
+struct PRouter {
+    convs: Vec<PConv>,
+    hidden: PLinear,
+    out: PLinear,
+    heads: Vec<PLinear>,
+    scale: f32,
+}
+
+/// A snapshot of a small CNN (and its router) in inference mode.
+pub struct PlainSmallCnn {
+    stages: Vec<Stage>,
+    fc: PLinear,
+    router: Option<PRouter>,
+    in_dims: [usize; 3],
+}
+
+/// Everything one forward pass keeps for the backward, per batch.
+struct Tape {
+    x_dims: [usize; 4],
+    /// Router: each convolution's input dims, pre-activation and output (after ReLU).
+    router: Vec<([usize; 4], Vec<f32>)>,
+    router_out: Vec<f32>,
+    router_out_dims: [usize; 4],
+    feat: Vec<f32>,
+    hidden_pre: Vec<f32>,
+    /// `[b]`; all ones for a static model.
+    p_clean: Vec<f32>,
+    /// Per block, `[b, n_j]`.
+    signals: Vec<Vec<f32>>,
+    stages: Vec<StageTape>,
+    last_dims: [usize; 4],
+    pooled: Vec<f32>,
+}
+
+struct StageTape {
+    in_dims: [usize; 4],
+    z: Vec<f32>,
+    z_dims: [usize; 4],
+    /// After the ReLU, before pooling.
+    y: Vec<f32>,
+    /// `[b, c]`: the effective scale (signal times mixed BN scale).
+    a: Vec<f32>,
+}
+
+/// What the forward pass returns: `[b, classes]` logits, `[b, 2]` type logits (AW-Net), signals.
+pub struct PlainOutput {
+    pub logits: Vec<f32>,
+    pub type_logits: Option<Vec<f32>>,
+    pub signals: Vec<Vec<f32>>,
+}
+
+impl PlainSmallCnn {
+    pub(super) fn new(net: &SmallCnn, router: Option<&Router>, in_channels: usize, image_size: usize) -> Result<Self> {
+        let mut stages = vec![Stage {
+            conv: PConv::new(&net.stem)?,
+            norm: PNorm::new(&net.stem_bn)?,
+            pool: false,
+            signal: None,
+        }];
+        for (j, b) in net.blocks.iter().enumerate() {
+            stages.push(Stage {
+                conv: PConv::new(&b.conv)?,
+                norm: PNorm::new(&b.bn)?,
+                pool: b.pool,
+                signal: router.map(|_| j),
+            });
+        }
+        let router = router
+            .map(|r| -> Result<PRouter> {
+                Ok(PRouter {
+                    convs: r.features.iter().map(PConv::new).collect::<Result<_>>()?,
+                    hidden: PLinear::new(&r.type_hidden)?,
+                    out: PLinear::new(&r.type_out)?,
+                    heads: r.signal_heads.iter().map(PLinear::new).collect::<Result<_>>()?,
+                    scale: r.signal_scale as f32,
+                })
+            })
+            .transpose()?;
+        Ok(Self {
+            stages,
+            fc: PLinear::new(&net.fc)?,
+            router,
+            in_dims: [in_channels, image_size, image_size],
+        })
+    }
+
+    fn run(&self, x: &[f32], b: usize) -> Result<(PlainOutput, Tape)> {
+        let [c, h, w] = self.in_dims;
+        if x.len() != b * c * h * w {
+            bail!("{} values for {b} images of {c}x{h}x{w}", x.len())
+        }
+        let x_dims = [b, c, h, w];
+        let mut tape = Tape {
+            x_dims,
+            router: Vec::new(),
+            router_out: Vec::new(),
+            router_out_dims: x_dims,
+            feat: Vec::new(),
+            hidden_pre: Vec::new(),
+            p_clean: vec![1.0; b],
+            signals: Vec::new(),
+            stages: Vec::new(),
+            last_dims: x_dims,
+            pooled: Vec::new(),
+        };
+        let mut type_logits = None;
+        if let Some(r) = &self.router {
+            let (mut hcur, mut dims) = (x.to_vec(), x_dims);
+            for conv in &r.convs {
+                let (pre, d) = conv.forward(&hcur, dims)?;
+                tape.router.push((dims, pre.clone()));
+                hcur = pre.into_iter().map(|v| v.max(0.0)).collect();
+                dims = d;
+            }
+            tape.feat = global_avg(&hcur, dims);
+            tape.router_out = hcur;
+            tape.router_out_dims = dims;
+            tape.hidden_pre = r.hidden.forward(&tape.feat);
+            let hidden: Vec<f32> = tape.hidden_pre.iter().map(|v| v.max(0.0)).collect();
+            let t = r.out.forward(&hidden);
+            tape.p_clean = t.chunks(2).map(|l| softmax2(l[0], l[1])).collect();
+            tape.signals = r
+                .heads
+                .iter()
+                .map(|head| {
+                    head.forward(&tape.feat)
+                        .into_iter()
+                        .map(|u| r.scale * sigmoid(u))
+                        .collect()
+                })
+                .collect();
+            type_logits = Some(t);
+        }
+        let (mut hcur, mut dims) = (x.to_vec(), x_dims);
+        for stage in &self.stages {
+            let (z, zd) = stage.conv.forward(&hcur, dims)?;
+            let (ch, hw) = (zd[1], zd[2] * zd[3]);
+            let mut a = vec![0f32; b * ch];
+            let mut y = vec![0f32; z.len()];
+            let sample = |bi: usize, (y, a): (&mut [f32], &mut [f32])| {
+                let p = tape.p_clean[bi];
+                for ci in 0..ch {
+                    let mut scale = PNorm::mixed(&stage.norm.scale, p, ci);
+                    if let Some(j) = stage.signal {
+                        scale *= tape.signals[j][bi * ch + ci];
+                    }
+                    let shift = PNorm::mixed(&stage.norm.shift, p, ci);
+                    a[ci] = scale;
+                    let z = &z[(bi * ch + ci) * hw..][..hw];
+                    for (y, z) in y[ci * hw..(ci + 1) * hw].iter_mut().zip(z) {
+                        *y = (z * scale + shift).max(0.0);
+                    }
+                }
+            };
+            if b == 1 {
+                sample(0, (&mut y, &mut a));
+            } else {
+                y.par_chunks_mut(ch * hw)
+                    .zip(a.par_chunks_mut(ch))
+                    .enumerate()
+                    .for_each(|(bi, chunks)| sample(bi, chunks));
+            }
+            let (next, nd) = if stage.pool { max_pool(&y, zd) } else { (y.clone(), zd) };
+            tape.stages.push(StageTape {
+                in_dims: dims,
+                z,
+                z_dims: zd,
+                y,
+                a,
+            });
+            (hcur, dims) = (next, nd);
+        }
+        let g = global_avg(&hcur, dims);
+        let logits = self.fc.forward(&g);
+        tape.last_dims = dims;
+        tape.pooled = hcur;
+        let out = PlainOutput {
+            logits,
+            type_logits,
+            signals: tape.signals.clone(),
+        };
+        Ok((out, tape))
+    }
+
+    /// Inference on `b` images `[b, c, h, w]` in [0, 1].
+    pub fn forward(&self, x: &[f32], b: usize) -> Result<PlainOutput> {
+        Ok(self.run(x, b)?.0)
+    }
+
+    /// The forward pass, and the gradient with respect to the input of `sum(dlogits * logits) +
+    /// sum(dtype * type_logits)`, where `grads` maps the forward's output to `(dlogits, dtype)`.
+    pub fn input_grad(
+        &self,
+        x: &[f32],
+        b: usize,
+        grads: impl FnOnce(&PlainOutput) -> Result<(Vec<f32>, Option<Vec<f32>>)>,
+    ) -> Result<(PlainOutput, Vec<f32>)> {
+        let (out, tape) = self.run(x, b)?;
+        let (dlogits, dtype) = grads(&out)?;
+        // Logits -> the pooled features of the last stage.
+        let mut dg = vec![0f32; b * self.fc.d_in];
+        self.fc.add_input_grad(&dlogits, &mut dg);
+        let mut dh = spread_avg(&dg, tape.last_dims);
+        let mut dp = vec![0f32; b];
+        let mut dsignals: Vec<Vec<f32>> = tape.signals.iter().map(|s| vec![0f32; s.len()]).collect();
+        let mut dx = Vec::new();
+        for (i, (stage, st)) in self.stages.iter().zip(&tape.stages).enumerate().rev() {
+            let dy = if stage.pool { unpool(&dh, &st.y, st.z_dims) } else { dh };
+            let (ch, hw) = (st.z_dims[1], st.z_dims[2] * st.z_dims[3]);
+            let mut dz = vec![0f32; st.z.len()];
+            // Per sample: its part of dz, and its gradients of p_clean and of the signals.
+            let sample = |bi: usize, dz: &mut [f32]| -> (f32, Vec<f32>) {
+                let p = tape.p_clean[bi];
+                let mut dsig = Vec::new();
+                let mut dp = 0f32;
+                for ci in 0..ch {
+                    let k = bi * ch + ci;
+                    let r = k * hw..(k + 1) * hw;
+                    let (dz, dy, y) = (&mut dz[ci * hw..(ci + 1) * hw], &dy[r.clone()], &st.y[r.clone()]);
+                    if self.router.is_none() {
+                        for ((dz, &dy), &y) in dz.iter_mut().zip(dy).zip(y) {
+                            *dz = if y > 0.0 { dy * st.a[k] } else { 0.0 };
+                        }
+                        continue;
+                    }
+                    let (sum_g, sum_gz) = relu_grad_sums(dy, y, &st.z[r], st.a[k], dz);
+                    // a = signal * scale(p), shift(p): into the signal and the mixing weight.
+                    let mixed = PNorm::mixed(&stage.norm.scale, p, ci);
+                    let da_scale = match stage.signal {
+                        Some(j) => {
+                            dsig.push(sum_gz * mixed);
+                            sum_gz * tape.signals[j][k]
+                        }
+                        None => sum_gz,
+                    };
+                    let n = &stage.norm;
+                    dp += da_scale * (n.scale[0][ci] - n.scale[1][ci]) + sum_g * (n.shift[0][ci] - n.shift[1][ci]);
+                }
+                (dp, dsig)
+            };
+            let per_sample: Vec<(f32, Vec<f32>)> = if b == 1 {
+                vec![sample(0, &mut dz)]
+            } else {
+                dz.par_chunks_mut(ch * hw)
+                    .enumerate()
+                    .map(|(bi, dz)| sample(bi, dz))
+                    .collect()
+            };
+            for (bi, (d, dsig)) in per_sample.into_iter().enumerate() {
+                dp[bi] += d;
+                if let Some(j) = stage.signal {
+                    dsignals[j][bi * ch..(bi + 1) * ch]
+                        .iter_mut()
+                        .zip(dsig)
+                        .for_each(|(a, b)| *a += b);
+                }
+            }
+            let g = stage.conv.input_grad(&dz, st.in_dims)?;
+            if i == 0 {
+                dx = g;
+                dh = Vec::new();
+            } else {
+                dh = g;
+            }
+        }
+        if let Some(r) = &self.router {
+            // p_clean = softmax(t)[0]: dp/dt = p (1 - p) (1, -1).
+            let mut dt = dtype.unwrap_or_else(|| vec![0f32; 2 * b]);
+            for bi in 0..b {
+                let p = tape.p_clean[bi];
+                dt[2 * bi] += dp[bi] * p * (1.0 - p);
+                dt[2 * bi + 1] -= dp[bi] * p * (1.0 - p);
+            }
+            let mut dhidden = vec![0f32; tape.hidden_pre.len()];
+            r.out.add_input_grad(&dt, &mut dhidden);
+            for (d, &pre) in dhidden.iter_mut().zip(&tape.hidden_pre) {
+                if pre < 0.0 {
+                    *d = 0.0;
+                }
+            }
+            let mut dfeat = vec![0f32; tape.feat.len()];
+            r.hidden.add_input_grad(&dhidden, &mut dfeat);
+            for ((head, ds), s) in r.heads.iter().zip(&dsignals).zip(&tape.signals) {
+                // signal = scale * sigmoid(u): d signal / du = signal (1 - signal / scale).
+                let du: Vec<f32> = ds.iter().zip(s).map(|(d, s)| d * s * (1.0 - s / r.scale)).collect();
+                head.add_input_grad(&du, &mut dfeat);
+            }
+            let mut dcur = spread_avg(&dfeat, tape.router_out_dims);
+            for (conv, (in_dims, pre)) in r.convs.iter().zip(&tape.router).rev() {
+                for (d, &v) in dcur.iter_mut().zip(pre) {
+                    if v < 0.0 {
+                        *d = 0.0;
+                    }
+                }
+                dcur = conv.input_grad(&dcur, *in_dims)?;
+            }
+            dx.iter_mut().zip(&dcur).for_each(|(a, b)| *a += b);
+        }
+        debug_assert_eq!(dx.len(), tape.x_dims.iter().product::<usize>());
+        Ok((out, dx))
+    }
+}
+
+/// `dz = (y > 0) dy * a` over one plane, returning the sums of `(y > 0) dy` and of
+/// `(y > 0) dy * z` (the gradients of the plane's shift and scale), summed in 8 lanes so that the
+/// loop vectorises.
+fn relu_grad_sums(dy: &[f32], y: &[f32], z: &[f32], a: f32, dz: &mut [f32]) -> (f32, f32) {
+    let (mut sg, mut sgz) = ([0f32; 8], [0f32; 8]);
+    let ((dz8, dz_rest), (dy8, dy_rest)) = (dz.as_chunks_mut::<8>(), dy.as_chunks::<8>());
+    let ((y8, y_rest), (z8, z_rest)) = (y.as_chunks::<8>(), z.as_chunks::<8>());
+    for (((dz, dy), y), z) in dz8.iter_mut().zip(dy8).zip(y8).zip(z8) {
+        for l in 0..8 {
+            let g = if y[l] > 0.0 { dy[l] } else { 0.0 };
+            dz[l] = g * a;
+            sg[l] += g;
+            sgz[l] += g * z[l];
+        }
+    }
+    for (((dz, dy), y), z) in dz_rest.iter_mut().zip(dy_rest).zip(y_rest).zip(z_rest) {
+        let g = if *y > 0.0 { *dy } else { 0.0 };
+        *dz = g * a;
+        sg[0] += g;
+        sgz[0] += g * z;
+    }
+    (sg.iter().sum(), sgz.iter().sum())
+}
+
+fn sigmoid(u: f32) -> f32 {
+    1.0 / (1.0 + (-u).exp())
+}
+
+/// `softmax(a, b)[0]`.
+fn softmax2(a: f32, b: f32) -> f32 {
+    1.0 / (1.0 + (b - a).exp())
+}
+
+/// `[b, c, h, w]` to `[b, c]` means.
+fn global_avg(x: &[f32], d: [usize; 4]) -> Vec<f32> {
+    let hw = d[2] * d[3];
+    x.chunks(hw).map(|p| p.iter().sum::<f32>() / hw as f32).collect()
+}
+
+/// The gradient of [`global_avg`]: each of `[b, c]` spread evenly over its plane.
+fn spread_avg(dg: &[f32], d: [usize; 4]) -> Vec<f32> {
+    let hw = d[2] * d[3];
+    dg.iter()
+        .flat_map(|&g| std::iter::repeat_n(g / hw as f32, hw))
+        .collect()
+}
+
+fn max_pool(x: &[f32], d: [usize; 4]) -> (Vec<f32>, [usize; 4]) {
+    let (h, w) = (d[2], d[3]);
+    let (ho, wo) = (h / 2, w / 2);
+    let mut y = Vec::with_capacity(d[0] * d[1] * ho * wo);
+    for plane in x.chunks(h * w) {
+        for i in 0..ho {
+            let (r0, r1) = (&plane[2 * i * w..], &plane[(2 * i + 1) * w..]);
+            for j in 0..wo {
+                y.push(r0[2 * j].max(r0[2 * j + 1]).max(r1[2 * j]).max(r1[2 * j + 1]));
+            }
+        }
+    }
+    (y, [d[0], d[1], ho, wo])
+}
+
+/// The gradient of [`max_pool`]: each value to the first maximum of its window in `x`.
+fn unpool(dy: &[f32], x: &[f32], d: [usize; 4]) -> Vec<f32> {
+    let (h, w) = (d[2], d[3]);
+    let (ho, wo) = (h / 2, w / 2);
+    let mut dx = vec![0f32; x.len()];
+    for ((dx, x), dy) in dx.chunks_mut(h * w).zip(x.chunks(h * w)).zip(dy.chunks(ho * wo)) {
+        for i in 0..ho {
+            let (r0, r1) = (2 * i * w, (2 * i + 1) * w);
+            for j in 0..wo {
+                let mut best = r0 + 2 * j;
+                for at in [r0 + 2 * j + 1, r1 + 2 * j, r1 + 2 * j + 1] {
+                    if x[at] > x[best] {
+                        best = at;
+                    }
+                }
+                dx[best] = dy[i * wo + j];
+            }
+        }
+    }
+    dx
+}
