@@ -382,7 +382,7 @@ pub(crate) fn fooled(pred: &[u32], labels: &[u32], target: Option<&[u32]>) -> Ve
 }
 
 /// Objective per example and its gradient with respect to the input.
-pub(crate) fn loss_and_grad(
+pub fn loss_and_grad(
     model: &dyn Classifier,
     x: &Tensor,
     labels: &[u32],
