@@ -155,9 +155,8 @@ pub struct PlainSmallCnn {
 /// Everything one forward pass keeps for the backward, per batch.
 struct Tape {
     x_dims: [usize; 4],
-    /// Router: each convolution's input dims, pre-activation and output (after ReLU).
+    /// Router: each convolution's input dims and pre-activation; the last output's dims.
     router: Vec<([usize; 4], Vec<f32>)>,
-    router_out: Vec<f32>,
     router_out_dims: [usize; 4],
     feat: Vec<f32>,
     hidden_pre: Vec<f32>,
@@ -167,7 +166,6 @@ struct Tape {
     signals: Vec<Vec<f32>>,
     stages: Vec<StageTape>,
     last_dims: [usize; 4],
-    pooled: Vec<f32>,
 }
 
 struct StageTape {
@@ -231,7 +229,6 @@ impl PlainSmallCnn {
         let mut tape = Tape {
             x_dims,
             router: Vec::new(),
-            router_out: Vec::new(),
             router_out_dims: x_dims,
             feat: Vec::new(),
             hidden_pre: Vec::new(),
@@ -239,7 +236,6 @@ impl PlainSmallCnn {
             signals: Vec::new(),
             stages: Vec::new(),
             last_dims: x_dims,
-            pooled: Vec::new(),
         };
         let mut type_logits = None;
         if let Some(r) = &self.router {
@@ -251,7 +247,6 @@ impl PlainSmallCnn {
                 dims = d;
             }
             tape.feat = global_avg(&hcur, dims);
-            tape.router_out = hcur;
             tape.router_out_dims = dims;
             tape.hidden_pre = r.hidden.forward(&tape.feat);
             let hidden: Vec<f32> = tape.hidden_pre.iter().map(|v| v.max(0.0)).collect();
@@ -311,7 +306,6 @@ impl PlainSmallCnn {
         let g = global_avg(&hcur, dims);
         let logits = self.fc.forward(&g);
         tape.last_dims = dims;
-        tape.pooled = hcur;
         let out = PlainOutput {
             logits,
             type_logits,
