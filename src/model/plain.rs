@@ -12,7 +12,8 @@
 //! backward includes every path AW-Net has from the input: through the backbone, through the
 //! signals into the router, and through MixBN's mixing weight into the router's type head.
 //! ReLU's gradient at exactly zero follows candle's (router: passed; backbone: not), so the two
-//! paths agree to rounding (checked by `plain_path_matches_autograd` in `attack`'s tests).
+//! paths agree to rounding: `tests/it/model.rs` holds outputs and input gradients to the graph's
+//! and autograd's, `tests/it/attacks.rs` every attack objective's loss and gradient.
 
 use candle_core::{DType, Result, Tensor, bail};
 use rayon::prelude::*;
