@@ -441,13 +441,26 @@ fn controls(
     ui.label(format!("eps = {:.4} = {:.1}/255", s.eps, s.eps * 255.0));
     ui.add(egui::DragValue::new(&mut s.steps).range(1..=1000).prefix("steps "))
         .on_hover_text("Iterations (queries for Square)");
+    // 0 stands for the attack's own default, shown as such with its value.
+    let default_step = {
+        let mut c = s.config();
+        c.step_size = None;
+        c.step_size()
+    };
     ui.add(
         egui::DragValue::new(&mut s.step_size)
             .range(0.0..=0.5)
             .speed(0.001)
-            .prefix("step size "),
+            .prefix("step size ")
+            .custom_formatter(move |v, _| {
+                if v == 0.0 {
+                    format!("default ({default_step:.4})")
+                } else {
+                    format!("{v:.4}")
+                }
+            }),
     )
-    .on_hover_text("0 means the attack's default (PGD: 2.5 eps / steps)");
+    .on_hover_text("Drag to 0 for the attack's default (PGD: 2.5 eps / steps)");
     ui.add(egui::DragValue::new(&mut s.restarts).range(1..=20).prefix("restarts "))
         .on_hover_text("Random restarts; the best one counts");
     let classes: Vec<String> = s.output.as_ref().map(|o| o.class_names.clone()).unwrap_or_default();
