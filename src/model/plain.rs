@@ -265,9 +265,11 @@ impl PlainSmallCnn {
                 .collect();
             type_logits = Some(t);
         }
-        let (mut hcur, mut dims) = (x.to_vec(), x_dims);
+        // Each stage reads the previous one's pooled output, or its ReLU output kept in the tape.
+        let (mut pooled, mut dims): (Option<Vec<f32>>, _) = (None, x_dims);
         for stage in &self.stages {
-            let (z, zd) = stage.conv.forward(&hcur, dims)?;
+            let input = current(&pooled, &tape.stages, x);
+            let (z, zd) = stage.conv.forward(input, dims)?;
             let (ch, hw) = (zd[1], zd[2] * zd[3]);
             let mut a = vec![0f32; b * ch];
             let mut y = vec![0f32; z.len()];
@@ -294,7 +296,7 @@ impl PlainSmallCnn {
                     .enumerate()
                     .for_each(|(bi, chunks)| sample(bi, chunks));
             }
-            let (next, nd) = if stage.pool { max_pool(&y, zd) } else { (y.clone(), zd) };
+            let next = stage.pool.then(|| max_pool(&y, zd));
             tape.stages.push(StageTape {
                 in_dims: dims,
                 z,
@@ -302,9 +304,11 @@ impl PlainSmallCnn {
                 y,
                 a,
             });
-            (hcur, dims) = (next, nd);
+            dims = next.as_ref().map_or(zd, |(_, d)| *d);
+            pooled = next.map(|(v, _)| v);
         }
-        let g = global_avg(&hcur, dims);
+        let last = current(&pooled, &tape.stages, x);
+        let g = global_avg(last, dims);
         let logits = self.fc.forward(&g);
         tape.last_dims = dims;
         let out = PlainOutput {
@@ -457,6 +461,16 @@ fn relu_grad_sums(dy: &[f32], y: &[f32], z: &[f32], a: f32, dz: &mut [f32]) -> (
         sgz[0] += g * z;
     }
     (sg.iter().sum(), sgz.iter().sum())
+}
+
+/// The backbone's current activations: the last stage's pooled output, else its ReLU output as
+/// the tape keeps it, else the input.
+fn current<'a>(pooled: &'a Option<Vec<f32>>, stages: &'a [StageTape], x: &'a [f32]) -> &'a [f32] {
+    match (pooled, stages.last()) {
+        (Some(p), _) => p,
+        (None, Some(prev)) => &prev.y,
+        (None, None) => x,
+    }
 }
 
 fn sigmoid(u: f32) -> f32 {
