@@ -12,6 +12,8 @@ pub mod loss;
 mod pgd;
 mod square;
 
+use std::sync::Arc;
+
 use candle_core::{D, DType, Tensor};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
@@ -40,8 +42,34 @@ pub trait Classifier {
 
     /// The hand-written inference path of [`crate::model::plain`], where the model has one;
     /// attacks take their gradients from it instead of autograd.
-    fn plain(&self) -> std::result::Result<Option<PlainSmallCnn>, ModelError> {
+    fn plain(&self) -> std::result::Result<Option<Arc<PlainSmallCnn>>, ModelError> {
         Ok(None)
+    }
+}
+
+/// A model with its plain snapshot taken once, for the many gradient steps of one attack (taking
+/// it copies every weight out of its tensor and folds the BatchNorms).
+struct Snapshot<'a> {
+    model: &'a dyn Classifier,
+    plain: Option<Arc<PlainSmallCnn>>,
+}
+
+impl<'a> Snapshot<'a> {
+    fn new(model: &'a dyn Classifier) -> Result<Self> {
+        Ok(Self {
+            model,
+            plain: model.plain()?,
+        })
+    }
+}
+
+impl Classifier for Snapshot<'_> {
+    fn forward(&self, xs: &Tensor) -> std::result::Result<Forward, ModelError> {
+        self.model.forward(xs)
+    }
+
+    fn plain(&self) -> std::result::Result<Option<Arc<PlainSmallCnn>>, ModelError> {
+        Ok(self.plain.clone())
     }
 }
 
@@ -50,8 +78,8 @@ impl Classifier for Network {
         Network::forward(self, xs, crate::model::Mode::Eval)
     }
 
-    fn plain(&self) -> std::result::Result<Option<PlainSmallCnn>, ModelError> {
-        Network::plain(self)
+    fn plain(&self) -> std::result::Result<Option<Arc<PlainSmallCnn>>, ModelError> {
+        Ok(Network::plain(self)?.map(Arc::new))
     }
 }
 
@@ -346,6 +374,8 @@ pub fn run(
     }
     let xs = xs.to_dtype(DType::F32)?.detach();
     let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let snapshot = Snapshot::new(model)?;
+    let model: &dyn Classifier = &snapshot;
     if b == 0 {
         return Ok(Outcome::Done(AttackRun {
             adv: xs,
