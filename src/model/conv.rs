@@ -68,6 +68,39 @@ impl Geom {
         self.k == 1 && self.stride == 1 && self.pad == 0
     }
 
+    /// Stride 1 with the output the input's size (3x3 with padding 1, 5x5 with 2, ...): each row
+    /// of the column matrix is the image plane shifted, which `im2col` and `col2im` move in one
+    /// piece.
+    fn is_same(&self) -> bool {
+        self.stride == 1 && self.w_out == self.w && self.h_out == self.h
+    }
+
+    /// For [`Self::is_same`]: the span `[a, e)` of column-matrix row `(ki, kj)` from its first
+    /// to its last entry inside the image, and the offset from a row entry to its pixel.
+    fn same_span(&self, ki: usize, kj: usize) -> (usize, usize, isize) {
+        let (oy_lo, oy_hi) = self.valid(ki, self.h_out, self.h);
+        let (ox_lo, ox_hi) = self.valid(kj, self.w_out, self.w);
+        let off = (ki as isize - self.pad as isize) * self.w as isize + kj as isize - self.pad as isize;
+        if oy_lo >= oy_hi || ox_lo >= ox_hi {
+            return (0, 0, 0);
+        }
+        (oy_lo * self.w + ox_lo, (oy_hi - 1) * self.w + ox_hi, off)
+    }
+
+    /// For [`Self::is_same`]: zeroes the entries of column-matrix row `(ki, kj)` that read
+    /// padding.
+    fn zero_outside<T: WithDType>(&self, ki: usize, kj: usize, row: &mut [T]) {
+        let (oy_lo, oy_hi) = self.valid(ki, self.h_out, self.h);
+        let (ox_lo, ox_hi) = self.valid(kj, self.w_out, self.w);
+        let w = self.w;
+        row[..oy_lo * w].fill(T::zero());
+        row[oy_hi.max(oy_lo) * w..].fill(T::zero());
+        for line in row[oy_lo * w..oy_hi.max(oy_lo) * w].chunks_exact_mut(w) {
+            line[..ox_lo].fill(T::zero());
+            line[ox_hi.max(ox_lo)..].fill(T::zero());
+        }
+    }
+
     /// Output columns `[lo, hi)` of row `ki` (or `kj`) that read inside the image.
     fn valid(&self, kk: usize, n_out: usize, n_in: usize) -> (usize, usize) {
         // o * stride + kk - pad in [0, n_in)
@@ -80,6 +113,18 @@ impl Geom {
 /// `cols[(ci, ki, kj), (oy, ox)] = x[ci, oy*s + ki - p, ox*s + kj - p]`, zero outside.
 fn im2col<T: WithDType>(g: &Geom, x: &[T], cols: &mut [T]) {
     let (k, s, p, wo, ho) = (g.k, g.stride, g.pad, g.w_out, g.h_out);
+    if g.is_same() {
+        for (r, row) in cols.chunks_exact_mut(g.hw_out()).take(g.kdim()).enumerate() {
+            let (ci, ki, kj) = (r / (k * k), r / k % k, r % k);
+            let plane = &x[ci * g.hw()..(ci + 1) * g.hw()];
+            let (a, e, off) = g.same_span(ki, kj);
+            // One copy of the whole shifted plane, then zeros where the shift wrapped a row's
+            // end onto the next row's start, and above and below.
+            row[a..e].copy_from_slice(&plane[(a as isize + off) as usize..(e as isize + off) as usize]);
+            g.zero_outside(ki, kj, row);
+        }
+        return;
+    }
     for ci in 0..g.c_in {
         let plane = &x[ci * g.hw()..(ci + 1) * g.hw()];
         for ki in 0..k {
@@ -109,9 +154,24 @@ fn im2col<T: WithDType>(g: &Geom, x: &[T], cols: &mut [T]) {
 }
 
 /// The adjoint of `im2col`: adds every column entry onto the pixel it was read from, in `dx`,
-/// which the caller zeroes.
-fn col2im<T: WithDType>(g: &Geom, cols: &[T], dx: &mut [T]) {
+/// which the caller zeroes. `cols` is scratch: entries that read padding may be overwritten.
+fn col2im<T: WithDType>(g: &Geom, cols: &mut [T], dx: &mut [T]) {
     let (k, s, p, wo, ho) = (g.k, g.stride, g.pad, g.w_out, g.h_out);
+    if g.is_same() {
+        for (r, row) in cols.chunks_exact_mut(g.hw_out()).take(g.kdim()).enumerate() {
+            let (ci, ki, kj) = (r / (k * k), r / k % k, r % k);
+            let plane = &mut dx[ci * g.hw()..(ci + 1) * g.hw()];
+            let (a, e, off) = g.same_span(ki, kj);
+            // Entries that read padding hold gradients for pixels that do not exist; zeroed,
+            // the whole shifted plane is one contiguous add.
+            g.zero_outside(ki, kj, row);
+            let dst = &mut plane[(a as isize + off) as usize..(e as isize + off) as usize];
+            for (d, &v) in dst.iter_mut().zip(&row[a..e]) {
+                *d += v;
+            }
+        }
+        return;
+    }
     for ci in 0..g.c_in {
         let plane = &mut dx[ci * g.hw()..(ci + 1) * g.hw()];
         for ki in 0..k {
@@ -574,6 +634,8 @@ mod tests {
             (5, 3, 4, 4, 2, 3, 1, 0),
             (1, 2, 10, 7, 3, 3, 3, 2),
             (9, 1, 3, 3, 1, 3, 1, 1),
+            (2, 3, 6, 9, 2, 3, 1, 1),
+            (2, 2, 1, 4, 3, 3, 1, 1),
         ];
         for (i, &(b, ci, h, w, co, k, s, p)) in cases.iter().enumerate() {
             let x = Var::from_tensor(&rand(&[b, ci, h, w], i as u64)).unwrap();
