@@ -92,12 +92,13 @@ impl Geom {
     fn zero_outside<T: WithDType>(&self, ki: usize, kj: usize, row: &mut [T]) {
         let (oy_lo, oy_hi) = self.valid(ki, self.h_out, self.h);
         let (ox_lo, ox_hi) = self.valid(kj, self.w_out, self.w);
-        let w = self.w;
+        let (w, oy_hi) = (self.w, oy_hi.max(oy_lo));
         row[..oy_lo * w].fill(T::zero());
-        row[oy_hi.max(oy_lo) * w..].fill(T::zero());
-        for line in row[oy_lo * w..oy_hi.max(oy_lo) * w].chunks_exact_mut(w) {
-            line[..ox_lo].fill(T::zero());
-            line[ox_hi.max(ox_lo)..].fill(T::zero());
+        row[oy_hi * w..].fill(T::zero());
+        // Down the few columns at the sides, rather than a `fill` of one or two values per line.
+        let lines = &mut row[oy_lo * w..oy_hi * w];
+        for col in (0..ox_lo).chain(ox_hi.max(ox_lo)..w) {
+            lines.iter_mut().skip(col).step_by(w).for_each(|v| *v = T::zero());
         }
     }
 
