@@ -448,6 +448,29 @@ fn plain_loss_and_grad(
     target: Option<&[u32]>,
     obj: Objective,
 ) -> Result<(Vec<f32>, Tensor, Vec<u32>)> {
+    let (losses, grad, logits) = plain_objective_grad(plain, x, &|fwd| loss::objective(fwd, labels, target, obj))?;
+    let k = logits.len() / x.dim(0)?.max(1);
+    let pred = logits
+        .chunks(k)
+        .map(|row| {
+            // The first maximum, as candle's argmax.
+            row.iter()
+                .enumerate()
+                .fold(0, |m, (i, v)| if *v > row[m] { i } else { m }) as u32
+        })
+        .collect();
+    Ok((losses, grad, pred))
+}
+
+/// The per-example `objective` of the model's output and its gradient with respect to the input
+/// `x` (f32, on the CPU), through the hand-written path; also the `[b, classes]` logits. The
+/// objective sees the logits and type logits (as leaves of a small autograd graph), not the
+/// signals.
+pub(crate) fn plain_objective_grad(
+    plain: &PlainSmallCnn,
+    x: &Tensor,
+    objective: &dyn Fn(&Forward) -> candle_core::Result<Tensor>,
+) -> Result<(Vec<f32>, Tensor, Vec<f32>)> {
     let b = x.dim(0)?;
     let dev = x.device();
     let pixels = x.flatten_all()?.to_vec1::<f32>()?;
@@ -465,7 +488,7 @@ fn plain_loss_and_grad(
             type_logits: t.as_ref().map(|t| t.as_tensor().clone()),
             signals: Vec::new(),
         };
-        let loss = loss::objective(&fwd, labels, target, obj)?;
+        let loss = objective(&fwd)?;
         let grads = loss.sum_all()?.backward()?;
         let flat = |v: &candle_core::Var| {
             grads
@@ -475,21 +498,10 @@ fn plain_loss_and_grad(
         };
         let dz = flat(&z)?.unwrap_or_else(|| vec![0.0; b * k]);
         let dt = t.as_ref().map(flat).transpose()?.flatten();
-        losses = loss.to_vec1::<f32>()?;
+        losses = loss.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         Ok((dz, dt))
     })?;
-    let k = out.logits.len() / b.max(1);
-    let pred = out
-        .logits
-        .chunks(k)
-        .map(|row| {
-            // The first maximum, as candle's argmax.
-            row.iter()
-                .enumerate()
-                .fold(0, |m, (i, v)| if *v > row[m] { i } else { m }) as u32
-        })
-        .collect();
-    Ok((losses, Tensor::from_vec(dx, x.shape(), dev)?, pred))
+    Ok((losses, Tensor::from_vec(dx, x.shape(), dev)?, out.logits))
 }
 
 /// Back into the eps-ball around `x` and into [0, 1].
