@@ -344,23 +344,24 @@ fn craft(
     let step = cfg.attack_step_size.unwrap_or(cfg.eps / 4.0);
     let mut adv = attack::project_linf(&start, xs, cfg.eps)?;
     // The small CNN in f32 on the CPU takes the hand-written path, as attacks do.
-    let plain = match xs.dtype() == DType::F32 && xs.device().is_cpu() {
-        true => net.plain()?,
-        false => None,
+    let plain = if xs.dtype() == DType::F32 && xs.device().is_cpu() {
+        net.plain()?
+    } else {
+        None
     };
     for _ in 0..cfg.attack_steps {
-        if let Some(plain) = &plain {
-            let (_, g, _) = attack::plain_objective_grad(plain, &adv, objective)?;
-            adv = attack::project_linf(&(&adv + (g.sign()? * step)?)?, xs, cfg.eps)?;
-            continue;
-        }
-        let var = Var::from_tensor(&adv)?;
-        let out = Classifier::forward(net, var.as_tensor())?;
-        let grads = objective(&out)?.sum_all()?.backward()?;
-        let g = grads
-            .get(var.as_tensor())
-            .ok_or_else(|| TrainError::Settings("no input gradient".into()))?
-            .detach();
+        let g = match &plain {
+            Some(plain) => attack::plain_objective_grad(plain, &adv, objective)?.1,
+            None => {
+                let var = Var::from_tensor(&adv)?;
+                let out = Classifier::forward(net, var.as_tensor())?;
+                let grads = objective(&out)?.sum_all()?.backward()?;
+                grads
+                    .get(var.as_tensor())
+                    .ok_or_else(|| TrainError::Settings("no input gradient".into()))?
+                    .detach()
+            }
+        };
         adv = attack::project_linf(&(&adv + (g.sign()? * step)?)?, xs, cfg.eps)?;
     }
     Ok(adv.detach())
