@@ -120,6 +120,19 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
         a.split,
         Some((model.config.in_channels, model.config.image_size)),
     )?;
+    if a.first >= data.len() {
+        bail!(
+            "--first {} is past the end of {} ({} images)",
+            a.first,
+            data.name,
+            data.len()
+        );
+    }
+    let data = if a.first > 0 {
+        data.part(a.first..data.len(), "from --first")
+    } else {
+        data
+    };
     if (data.channels, data.height) != (model.config.in_channels, model.config.image_size) || data.height != data.width
     {
         bail!(
@@ -187,9 +200,10 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
     if eps_list.len() > 1 {
         let outcome = eval::sweep(&subject, source, &data, a.split, n, &settings, &eps_list, &mut progress)?;
         drop(progress);
-        let Outcome::Done(reports) = outcome else {
+        let Outcome::Done(mut reports) = outcome else {
             bail!("evaluation stopped");
         };
+        reports.iter_mut().for_each(|r| r.record.first_image = a.first);
         let json = serde_json::json!({"sweep": reports.iter().map(report_json).collect::<Vec<_>>()});
         if let Some(out) = &a.out {
             crate::fsutil::write_atomic(out, serde_json::to_string_pretty(&json)?.as_bytes())
@@ -203,9 +217,10 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
     }
     let outcome = eval::evaluate(&subject, source, &data, a.split, n, &settings, &mut progress)?;
     drop(progress);
-    let Outcome::Done(report) = outcome else {
+    let Outcome::Done(mut report) = outcome else {
         bail!("evaluation stopped");
     };
+    report.record.first_image = a.first;
     let text = if a.json {
         serde_json::to_string_pretty(&report_json(&report))? + "\n"
     } else {

@@ -180,6 +180,10 @@ pub struct EvalArgs {
     /// Evaluate the first N images of the split (default: all).
     #[arg(long)]
     pub n: Option<usize>,
+    /// Start at image K of the split: with --n, images K..K+N (say, the held-out end of the
+    /// training split, or one chunk of a long evaluation).
+    #[arg(long, default_value_t = 0)]
+    pub first: usize,
     /// Comma-separated: clean, fgsm, pgd, mi-fgsm, cw, apgd-ce, apgd-dlr, square, noise, adaptive,
     /// autoattack, transfer.
     #[arg(long, default_value = "pgd")]

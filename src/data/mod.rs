@@ -82,6 +82,19 @@ impl Dataset {
         self.channels * self.height * self.width
     }
 
+    /// Images `range` (clipped to the dataset), named `"{name} ({what}: images a..b)"`.
+    pub fn part(&self, range: std::ops::Range<usize>, what: &str) -> Dataset {
+        let (end, n) = (range.end.min(self.len()), self.image_len());
+        let start = range.start.min(end);
+        Dataset {
+            name: format!("{} ({what}: images {start}..{end})", self.name),
+            images: self.images[start * n..end * n].to_vec(),
+            labels: self.labels[start..end].to_vec(),
+            warnings: Vec::new(),
+            ..self.clone()
+        }
+    }
+
     /// The bytes of image `i`, `[c, h, w]`.
     pub fn image(&self, i: usize) -> &[u8] {
         let n = self.image_len();

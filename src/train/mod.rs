@@ -314,15 +314,7 @@ pub fn split_holdout(ds: &Dataset, holdout: usize) -> Result<(Dataset, Dataset)>
         )));
     }
     let cut = ds.len() - holdout;
-    let n = ds.image_len();
-    let part = |range: std::ops::Range<usize>, what: &str| Dataset {
-        name: format!("{} ({what}: images {}..{})", ds.name, range.start, range.end),
-        images: ds.images[range.start * n..range.end * n].to_vec(),
-        labels: ds.labels[range.clone()].to_vec(),
-        warnings: Vec::new(),
-        ..ds.clone()
-    };
-    Ok((part(0..cut, "training part"), part(cut..ds.len(), "held out")))
+    Ok((ds.part(0..cut, "training part"), ds.part(cut..ds.len(), "held out")))
 }
 
 /// KL(p || q) per example, from logits, with temperature `t`: `[b]`.

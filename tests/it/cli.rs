@@ -253,6 +253,31 @@ fn eval_writes_the_json_the_issue_names() {
         "3/0",
     ]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("divides by zero"));
+    // --first: a later slice of the split, recorded in the report; past the end is an error.
+    let chunk = |first: &str, n: &str| {
+        awnet(&[
+            "eval",
+            stat.to_str().unwrap(),
+            "--data",
+            subset,
+            "--first",
+            first,
+            "--n",
+            n,
+            "--attack",
+            "clean",
+            "--no-checks",
+            "--json",
+        ])
+    };
+    let v: serde_json::Value = serde_json::from_str(&ok_stdout(&chunk("30", "10"))).unwrap();
+    assert_eq!(
+        (v["record"]["first_image"].as_u64(), v["record"]["n_images"].as_u64()),
+        (Some(30), Some(10))
+    );
+    assert!(v["record"]["dataset"].as_str().unwrap().contains("images 30.."), "{v}");
+    let out = chunk("100000", "10");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("past the end"));
 }
 
 #[test]
