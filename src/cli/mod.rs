@@ -145,6 +145,11 @@ pub struct TrainArgs {
     /// Weight of the router's type loss (AW-Net).
     #[arg(long, default_value_t = 1.0)]
     pub lambda_type: f64,
+    /// AW-Net variant: weight of the router term in the training attack (0, the method: the
+    /// attack climbs cross-entropy only; above 0 it also pushes the router towards "clean", as
+    /// the adaptive attack does, so the router learns to see through it).
+    #[arg(long, default_value_t = 0.0)]
+    pub craft_router_lambda: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Base width of the backbone.

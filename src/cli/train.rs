@@ -80,8 +80,16 @@ impl TrainObserver for Terminal {
                     (Some(auc), Some(acc)) => format!(", router AUC {auc:.4}, type accuracy {:.2}%", 100.0 * acc),
                     _ => String::new(),
                 };
+                let adaptive = match (r.adaptive_accuracy, r.router_auc_adaptive, r.worst_accuracy) {
+                    (Some(acc), Some(auc), Some(worst)) => format!(
+                        "; adaptive {:.2}% (router AUC {auc:.4}), worst of both {:.2}%",
+                        100.0 * acc,
+                        100.0 * worst
+                    ),
+                    _ => String::new(),
+                };
                 eprintln!(
-                    "epoch {}: loss {:.4}, lr {:.5}, clean {:.2}%, robust {:.2}%, W-Robust {:.2}%{router}; {:.0} img/s, {:.0} s, about {:.0} s left\n  robust = {}",
+                    "epoch {}: loss {:.4}, lr {:.5}, clean {:.2}%, robust {:.2}%, W-Robust {:.2}%{router}{adaptive}; {:.0} img/s, {:.0} s, about {:.0} s left\n  robust = {}",
                     r.epoch + 1,
                     r.train_loss,
                     r.lr,
@@ -150,6 +158,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         c.attack_steps = a.attack_steps;
         c.trades_beta = a.trades_beta;
         c.lambda_type = a.lambda_type;
+        c.craft_router_lambda = a.craft_router_lambda;
         c.seed = a.seed;
         c.holdout = a.holdout;
         c.monitor_n = a.monitor_n;

@@ -16,7 +16,7 @@ use candle_core::{D, DType, Tensor, Var};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 
-use crate::attack::{self, AttackConfig, AttackKind, Classifier, Threat, loss::cross_entropy};
+use crate::attack::{self, AttackConfig, AttackKind, Classifier, Objective, Threat, loss::cross_entropy};
 use crate::data::{Augment, Batches, Dataset, Split};
 use crate::eval::{self, AttackSpec, Settings, Subject};
 use crate::model::checkpoint::{self, TrainingState};
@@ -134,6 +134,11 @@ pub struct TrainConfig {
     pub lambda_type: f64,
     /// AW-Net: distillation temperature.
     pub temperature: f64,
+    /// AW-Net, a variant beyond the method: weight of the router term in the training attack.
+    /// 0 (the method) crafts on cross-entropy alone; above 0 the training attack is the adaptive
+    /// one (`CE - lambda * CE(type, clean)`), so the router learns from inputs made to look clean.
+    #[serde(default)]
+    pub craft_router_lambda: f64,
     /// AW-Net: adaptive loss balancing rate and exponent.
     pub balance_rate: f64,
     pub balance_beta: f64,
@@ -172,6 +177,7 @@ impl TrainConfig {
             trades_beta: 6.0,
             lambda_type: 1.0,
             temperature: 1.0,
+            craft_router_lambda: 0.0,
             balance_rate: 0.025,
             balance_beta: 1.0,
             augment: Augment {
@@ -214,6 +220,15 @@ impl TrainConfig {
         if !(self.eps.is_finite() && (0.0..=1.0).contains(&self.eps)) {
             return bad(format!("eps {}", self.eps));
         }
+        if !(self.craft_router_lambda.is_finite() && self.craft_router_lambda >= 0.0) {
+            return bad(format!(
+                "router term weight {} of the training attack",
+                self.craft_router_lambda
+            ));
+        }
+        if self.craft_router_lambda > 0.0 && !matches!(self.method, Method::Awnet | Method::AwnetFree) {
+            return bad("a router term in the training attack needs an AW-Net method".into());
+        }
         if self.method == Method::Awnet && (self.teacher_clean.is_none() || self.teacher_robust.is_none()) {
             return bad("AW-Net distillation needs --teacher-clean and --teacher-robust (or use awnet-free)".into());
         }
@@ -250,6 +265,14 @@ pub struct EpochReport {
     pub w_robust: f64,
     pub router_auc: Option<f64>,
     pub router_type_accuracy: Option<f64>,
+    /// AW-Net: accuracy under the adaptive attack (the quick PGD's settings, with the router
+    /// term at lambda 1), the router's AUC against it, and the per-example worst case of both.
+    #[serde(default)]
+    pub adaptive_accuracy: Option<f64>,
+    #[serde(default)]
+    pub router_auc_adaptive: Option<f64>,
+    #[serde(default)]
+    pub worst_accuracy: Option<f64>,
     pub monitor: String,
     pub images_per_second: f64,
     pub seconds: f64,
@@ -443,9 +466,18 @@ fn step_loss(
         }
         Method::Awnet | Method::AwnetFree => {
             let net = frozen()?;
-            let adv = craft(&net, xs, gaussian_start(xs, rng)?, cfg, &|o| {
-                cross_entropy(&o.logits, ys)
-            })?;
+            let adv = if cfg.craft_router_lambda > 0.0 {
+                let adaptive = Objective::Adaptive {
+                    lambda: cfg.craft_router_lambda,
+                };
+                craft(&net, xs, gaussian_start(xs, rng)?, cfg, &|o| {
+                    attack::loss::objective(o, ys, None, adaptive)
+                })?
+            } else {
+                craft(&net, xs, gaussian_start(xs, rng)?, cfg, &|o| {
+                    cross_entropy(&o.logits, ys)
+                })?
+            };
             let s_nat = model.forward(xs, Mode::Train(BatchType::Clean))?;
             let s_adv = model.forward(&adv, Mode::Train(BatchType::Adversarial))?;
             let (l_nat, l_adv, names) = match (cfg.method, run.teachers) {
@@ -517,6 +549,9 @@ struct Monitored {
     label: String,
     /// AW-Net: (AUC, type accuracy) of the router.
     router: Option<(f64, f64)>,
+    /// AW-Net: (accuracy, router AUC) under the adaptive attack, and the worst case of both.
+    adaptive: Option<(f64, f64)>,
+    worst: Option<f64>,
 }
 
 /// Per-epoch metrics on the held-out images: clean, a labelled quick PGD, W-Robust, router.
@@ -529,6 +564,8 @@ fn monitor(model: &Model, run: &Run, obs: &mut dyn TrainObserver) -> Result<Opti
             robust: f64::NAN,
             label: "no held-out images".into(),
             router: None,
+            adaptive: None,
+            worst: None,
         }));
     }
     let mut pgd = AttackConfig::new(AttackKind::Pgd, cfg.eps);
@@ -536,6 +573,13 @@ fn monitor(model: &Model, run: &Run, obs: &mut dyn TrainObserver) -> Result<Opti
     pgd.steps = Some(cfg.monitor_steps);
     pgd.seed = cfg.seed;
     let net = model.frozen()?;
+    let mut attacks = vec![AttackSpec::Single(pgd.clone())];
+    if net.is_awnet() {
+        let mut adaptive = pgd;
+        adaptive.kind = AttackKind::Adaptive;
+        adaptive.lambda = 1.0;
+        attacks.push(AttackSpec::Single(adaptive));
+    }
     let subject = Subject {
         model: &net,
         is_awnet: net.is_awnet(),
@@ -544,7 +588,7 @@ fn monitor(model: &Model, run: &Run, obs: &mut dyn TrainObserver) -> Result<Opti
         sha256: String::new(),
     };
     let settings = Settings {
-        attacks: vec![AttackSpec::Single(pgd)],
+        attacks,
         batch_size: cfg.batch_size,
         seed: cfg.seed,
         checks: false,
@@ -555,11 +599,17 @@ fn monitor(model: &Model, run: &Run, obs: &mut dyn TrainObserver) -> Result<Opti
     };
     let a = &r.attacks[0];
     let router = a.router.as_ref().map(|s| (s.auc, s.type_accuracy));
+    let adaptive = r
+        .attacks
+        .get(1)
+        .map(|b| (b.robust_accuracy, b.router.as_ref().map_or(f64::NAN, |s| s.auc)));
     Ok(Some(Monitored {
         clean: r.clean_accuracy,
         robust: a.robust_accuracy,
         label: format!("{} on {n} held-out images", a.label),
         router,
+        adaptive,
+        worst: adaptive.and(r.worst_case_accuracy),
     }))
 }
 
@@ -728,6 +778,8 @@ pub fn train(
             robust,
             label,
             router,
+            adaptive,
+            worst,
         }) = monitor(model, run, obs)?
         else {
             save(model, run, &state, &opt)?;
@@ -746,6 +798,9 @@ pub fn train(
             w_robust: (clean + robust) / 2.0,
             router_auc: router.map(|r| r.0),
             router_type_accuracy: router.map(|r| r.1),
+            adaptive_accuracy: adaptive.map(|a| a.0),
+            router_auc_adaptive: adaptive.map(|a| a.1),
+            worst_accuracy: worst,
             monitor: run.monitor.name.clone(),
             images_per_second: images as f64 / train_seconds.max(1e-9),
             seconds,

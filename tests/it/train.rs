@@ -81,16 +81,20 @@ fn every_method_lowers_its_training_loss() {
     let t_clean = tiny(ModelKind::Static, 11);
     let t_robust = tiny(ModelKind::Static, 12);
     let (tc, tr) = (t_clean.frozen().unwrap(), t_robust.frozen().unwrap());
-    for method in [
-        Method::Standard,
-        Method::PgdAt,
-        Method::Trades,
-        Method::Awnet,
-        Method::AwnetFree,
+    // (method, weight of the router term in the training attack: the adaptive-crafting variant)
+    for (method, craft_router_lambda) in [
+        (Method::Standard, 0.0),
+        (Method::PgdAt, 0.0),
+        (Method::Trades, 0.0),
+        (Method::Awnet, 0.0),
+        (Method::Awnet, 1.0),
+        (Method::AwnetFree, 0.0),
     ] {
         let mut model = tiny(method.model_kind(), 1);
+        let mut cfg = config(method, 2);
+        cfg.craft_router_lambda = craft_router_lambda;
         let run = Run {
-            config: config(method, 2),
+            config: cfg,
             train: &train_set,
             monitor: &held,
             teachers: Some((&tc, &tr)),
@@ -98,7 +102,18 @@ fn every_method_lowers_its_training_loss() {
         };
         let mut rec = Recorder::default();
         let out = train::train(&mut model, &run, None, &mut rec).unwrap();
-        assert!(matches!(out, Outcome::Done(ref log) if log.len() == 2), "{method:?}");
+        let Outcome::Done(log) = out else {
+            panic!("{method:?} did not finish")
+        };
+        assert_eq!(log.len(), 2, "{method:?}");
+        // AW-Net's per-epoch check also runs the adaptive attack; static models have no router.
+        let awnet = matches!(method, Method::Awnet | Method::AwnetFree);
+        for r in &log {
+            assert_eq!(r.adaptive_accuracy.is_some(), awnet, "{method:?}");
+            if let (Some(adaptive), Some(worst)) = (r.adaptive_accuracy, r.worst_accuracy) {
+                assert!(worst <= adaptive.min(r.robust_accuracy), "{method:?}: {r:?}");
+            }
+        }
         let n = rec.losses.len();
         let first = rec.losses[..4].iter().sum::<f64>() / 4.0;
         let last = rec.losses[n - 4..].iter().sum::<f64>() / 4.0;
@@ -251,4 +266,47 @@ fn sgd_matches_pytorchs_update_and_keeps_no_graph() {
         .unwrap()
         .1;
     assert!(to_vec(rs.as_tensor()).iter().all(|&v| v == 1.0));
+}
+
+#[test]
+fn a_router_term_in_the_training_attack_needs_an_awnet_method() {
+    let (train_set, held) = data(64);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(Method::PgdAt, 1);
+    cfg.craft_router_lambda = 1.0;
+    let run = Run {
+        config: cfg,
+        train: &train_set,
+        monitor: &held,
+        teachers: None,
+        out: dir.path().join("m.safetensors"),
+    };
+    let mut model = tiny(ModelKind::Static, 1);
+    let err = train::train(&mut model, &run, None, &mut Recorder::default()).unwrap_err();
+    assert!(err.to_string().contains("needs an AW-Net method"), "{err}");
+    assert!(!run.out.exists());
+}
+
+#[test]
+fn the_router_term_changes_what_awnet_trains_on() {
+    let (train_set, held) = data(64);
+    let dir = tempfile::tempdir().unwrap();
+    let trained = |craft_router_lambda: f64| {
+        let mut cfg = config(Method::AwnetFree, 1);
+        cfg.craft_router_lambda = craft_router_lambda;
+        cfg.monitor_n = 0;
+        let run = Run {
+            config: cfg,
+            train: &train_set,
+            monitor: &held,
+            teachers: None,
+            out: dir.path().join(format!("m{craft_router_lambda}.safetensors")),
+        };
+        let mut model = tiny(ModelKind::Awnet, 1);
+        train::train(&mut model, &run, None, &mut Recorder::default()).unwrap();
+        weights(&model)
+    };
+    let (plain, again, adaptive) = (trained(0.0), trained(0.0), trained(1.0));
+    assert_eq!(plain, again, "same seed, same weights");
+    assert_ne!(plain, adaptive, "the router term must change the training attack");
 }
