@@ -10,8 +10,12 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType, bail};
 use std::any::Any;
 use std::cell::RefCell;
+use std::ops::Range;
+use std::sync::Mutex;
 
 use rayon::prelude::*;
+
+use super::pair;
 
 /// Square kernel, equal stride and padding on both axes, no dilation, no groups.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,9 +117,16 @@ impl Geom {
 
 /// `cols[(ci, ki, kj), (oy, ox)] = x[ci, oy*s + ki - p, ox*s + kj - p]`, zero outside.
 fn im2col<T: WithDType>(g: &Geom, x: &[T], cols: &mut [T]) {
+    im2col_chans(g, x, cols, 0..g.c_in)
+}
+
+/// [`im2col`]'s rows of the input channels `chans` only, into `cols` starting at the first.
+fn im2col_chans<T: WithDType>(g: &Geom, x: &[T], cols: &mut [T], chans: Range<usize>) {
     let (k, s, p, wo, ho) = (g.k, g.stride, g.pad, g.w_out, g.h_out);
+    let first = chans.start * k * k;
     if g.is_same() {
-        for (r, row) in cols.chunks_exact_mut(g.hw_out()).take(g.kdim()).enumerate() {
+        for (r, row) in cols.chunks_exact_mut(g.hw_out()).take(chans.len() * k * k).enumerate() {
+            let r = first + r;
             let (ci, ki, kj) = (r / (k * k), r / k % k, r % k);
             let plane = &x[ci * g.hw()..(ci + 1) * g.hw()];
             let (a, e, off) = g.same_span(ki, kj);
@@ -126,13 +137,13 @@ fn im2col<T: WithDType>(g: &Geom, x: &[T], cols: &mut [T]) {
         }
         return;
     }
-    for ci in 0..g.c_in {
+    for ci in chans {
         let plane = &x[ci * g.hw()..(ci + 1) * g.hw()];
         for ki in 0..k {
             let (oy_lo, oy_hi) = g.valid(ki, ho, g.h);
             for kj in 0..k {
                 let (ox_lo, ox_hi) = g.valid(kj, wo, g.w);
-                let row = &mut cols[((ci * k + ki) * k + kj) * g.hw_out()..][..g.hw_out()];
+                let row = &mut cols[((ci * k + ki) * k + kj - first) * g.hw_out()..][..g.hw_out()];
                 row[..oy_lo * wo].fill(T::zero());
                 row[oy_hi * wo..].fill(T::zero());
                 for oy in oy_lo..oy_hi {
@@ -157,12 +168,18 @@ fn im2col<T: WithDType>(g: &Geom, x: &[T], cols: &mut [T]) {
 /// The adjoint of `im2col`: adds every column entry onto the pixel it was read from, in `dx`,
 /// which the caller zeroes. `cols` is scratch: entries that read padding may be overwritten.
 fn col2im<T: WithDType>(g: &Geom, cols: &mut [T], dx: &mut [T]) {
+    col2im_chans(g, cols, dx, 0..g.c_in)
+}
+
+/// [`col2im`] for the input channels `chans` only: their rows of the column matrix in `cols`,
+/// their planes in `dx`, each starting at the first.
+fn col2im_chans<T: WithDType>(g: &Geom, cols: &mut [T], dx: &mut [T], chans: Range<usize>) {
     let (k, s, p, wo, ho) = (g.k, g.stride, g.pad, g.w_out, g.h_out);
     if g.is_same() {
-        for (r, row) in cols.chunks_exact_mut(g.hw_out()).take(g.kdim()).enumerate() {
+        for (r, row) in cols.chunks_exact_mut(g.hw_out()).take(chans.len() * k * k).enumerate() {
             let (ci, ki, kj) = (r / (k * k), r / k % k, r % k);
-            let plane = &mut dx[ci * g.hw()..(ci + 1) * g.hw()];
             let (a, e, off) = g.same_span(ki, kj);
+            let plane = &mut dx[ci * g.hw()..(ci + 1) * g.hw()];
             // Entries that read padding hold gradients for pixels that do not exist; zeroed,
             // the whole shifted plane is one contiguous add.
             g.zero_outside(ki, kj, row);
@@ -173,7 +190,7 @@ fn col2im<T: WithDType>(g: &Geom, cols: &mut [T], dx: &mut [T]) {
         }
         return;
     }
-    for ci in 0..g.c_in {
+    for ci in 0..chans.len() {
         let plane = &mut dx[ci * g.hw()..(ci + 1) * g.hw()];
         for ki in 0..k {
             let (oy_lo, oy_hi) = g.valid(ki, ho, g.h);
@@ -308,9 +325,99 @@ fn each_chunk<T: Send>(v: &mut [T], size: usize, f: impl Fn(usize, &mut [T]) + S
     }
 }
 
+/// One image on two threads: the input channels' rows of the column matrix, then the output's
+/// columns, shared between the caller and [`pair`]'s helper.
+fn forward_pair<T: WithDType>(g: &Geom, x: &[T], w: &[T], out: &mut [T], cols: &mut [T]) {
+    let (kd, hwo, kk) = (g.kdim(), g.hw_out(), g.k * g.k);
+    let half = g.c_in / 2;
+    {
+        let (top, bottom) = cols.split_at_mut(half * kk * hwo);
+        let parts = [Mutex::new(Some(top)), Mutex::new(Some(bottom))];
+        pair::both(&|t| {
+            let part = parts[t].lock().ok().and_then(|mut p| p.take());
+            if let Some(part) = part {
+                let chans = if t == 0 { 0..half } else { half..g.c_in };
+                im2col_chans(g, x, part, chans);
+            }
+        });
+    }
+    // Column halves of `out`, a multiple of 16 wide so that both fill whole vectors.
+    let split = (hwo / 2).next_multiple_of(16).min(hwo);
+    let (cols, dst) = (cols.as_ptr() as usize, out.as_mut_ptr() as usize);
+    pair::both(&|t| {
+        let (n0, n1) = if t == 0 { (0, split) } else { (split, hwo) };
+        // SAFETY: w is [c_out, kd] and cols [kd, hwo], both row-major; the two halves write
+        // disjoint columns of out [c_out, hwo].
+        unsafe {
+            gemm::gemm(
+                g.c_out,
+                n1 - n0,
+                kd,
+                (dst as *mut T).add(n0),
+                1,
+                hwo as isize,
+                false,
+                w.as_ptr(),
+                1,
+                kd as isize,
+                (cols as *const T).add(n0),
+                1,
+                hwo as isize,
+                T::one(),
+                T::one(),
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    });
+}
+
+/// One image on two threads, each with half of the input channels: its rows of the column
+/// matrix (a product with half of `w^T`'s rows), then its planes of `dx`.
+fn input_grad_pair<T: WithDType>(g: &Geom, dy: &[T], w: &[T], dx: &mut [T], cols: &mut [T]) {
+    let (kd, hwo, kk) = (g.kdim(), g.hw_out(), g.k * g.k);
+    let half = g.c_in / 2;
+    let (top, bottom) = cols.split_at_mut(half * kk * hwo);
+    let (dx_top, dx_bottom) = dx.split_at_mut(half * g.hw());
+    let parts = [Mutex::new(Some((top, dx_top))), Mutex::new(Some((bottom, dx_bottom)))];
+    pair::both(&|t| {
+        let Some((cols, dx)) = parts[t].lock().ok().and_then(|mut p| p.take()) else {
+            return;
+        };
+        let chans = if t == 0 { 0..half } else { half..g.c_in };
+        let rows = chans.len() * kk;
+        // SAFETY: w^T is [kd, c_out] (w read with swapped strides); its rows from
+        // `chans.start * kk` times dy [c_out, hwo] fill this half's rows [rows, hwo] of cols.
+        unsafe {
+            matmul(
+                rows,
+                hwo,
+                g.c_out,
+                cols,
+                false,
+                Mat::transposed(w.as_ptr().add(chans.start * kk), kd),
+                Mat::rows(dy.as_ptr(), hwo),
+            )
+        };
+        col2im_chans(g, cols, dx, chans);
+    });
+}
+
+/// Whether one image's convolution is shared with [`pair`]'s helper: a column matrix to split
+/// by input channel, and more than one core to split it over.
+fn paired(g: &Geom) -> bool {
+    g.b == 1 && !g.is_pointwise() && g.c_in >= 2 && pair::available()
+}
+
 fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     let (kd, hwo) = (g.kdim(), g.hw_out());
     let mut out = vec![T::zero(); g.b * g.c_out * hwo];
+    if paired(g) {
+        with_cols(kd * hwo, |cols: &mut [T]| forward_pair(g, x, w, &mut out, cols));
+        return out;
+    }
     let c = chunk(g.b);
     let cols_len = if g.is_pointwise() { 0 } else { kd * hwo };
     each_chunk(&mut out, c * g.c_out * hwo, |t, out| {
@@ -345,6 +452,10 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
 fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
     let (kd, hwo) = (g.kdim(), g.hw_out());
     let mut dx = vec![T::zero(); g.b * g.c_in * g.hw()];
+    if paired(g) {
+        with_cols(kd * hwo, |cols: &mut [T]| input_grad_pair(g, dy, w, &mut dx, cols));
+        return dx;
+    }
     let c = chunk(g.b);
     let cols_len = if g.is_pointwise() { 0 } else { kd * hwo };
     each_chunk(&mut dx, c * g.c_in * g.hw(), |t, dx| {
@@ -637,6 +748,10 @@ mod tests {
             (9, 1, 3, 3, 1, 3, 1, 1),
             (2, 3, 6, 9, 2, 3, 1, 1),
             (2, 2, 1, 4, 3, 3, 1, 1),
+            // One image with channels to split: the two-thread path where there are two cores.
+            (1, 3, 6, 9, 2, 3, 1, 1),
+            (1, 5, 20, 20, 4, 3, 1, 1),
+            (1, 4, 9, 9, 3, 3, 2, 1),
         ];
         for (i, &(b, ci, h, w, co, k, s, p)) in cases.iter().enumerate() {
             let x = Var::from_tensor(&rand(&[b, ci, h, w], i as u64)).unwrap();
@@ -665,6 +780,69 @@ mod tests {
                     .fold(0.0, f64::max);
                 assert!(d < 1e-9, "{what} gradient, case {i}: {d}");
             }
+        }
+    }
+
+    /// The two-thread kernels for one image equal the one-thread ones, on any machine (with one
+    /// core, `pair::both` runs both halves in turn).
+    #[test]
+    fn the_split_kernels_match_the_whole_ones() {
+        for (i, &(c_in, h, w, c_out, k, s, p)) in [
+            (2, 5, 5, 3, 3, 1, 1),
+            (3, 28, 28, 8, 3, 1, 1),
+            (7, 14, 14, 6, 3, 1, 1),
+            (4, 9, 11, 3, 3, 2, 1),
+            (3, 8, 8, 2, 5, 1, 2),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let g = Geom::new(&[1, c_in, h, w], &[c_out, c_in, k, k], s, p).unwrap();
+            let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let x = flat(rand(&[1, c_in, h, w], i as u64));
+            let wt = flat(rand(&[c_out, c_in, k, k], 50 + i as u64));
+            let dy = flat(rand(&[1, c_out, g.h_out, g.w_out], 90 + i as u64));
+            let close = |a: &[f64], b: &[f64], what: &str| {
+                assert_eq!(a.len(), b.len());
+                let d = a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+                assert!(d < 1e-12, "{what}, case {i}: {d}");
+            };
+            let mut cols = vec![f64::NAN; g.kdim() * g.hw_out()];
+            let mut y = vec![0.0; c_out * g.hw_out()];
+            forward_pair(&g, &x, &wt, &mut y, &mut cols);
+            let mut cols1 = vec![0.0; cols.len()];
+            im2col(&g, &x, &mut cols1);
+            let mut y1 = vec![0.0; y.len()];
+            // SAFETY: as in `forward`.
+            unsafe {
+                matmul(
+                    c_out,
+                    g.hw_out(),
+                    g.kdim(),
+                    &mut y1,
+                    false,
+                    Mat::rows(wt.as_ptr(), g.kdim()),
+                    Mat::rows(cols1.as_ptr(), g.hw_out()),
+                )
+            };
+            close(&y, &y1, "forward");
+            let mut dx = vec![0.0; c_in * h * w];
+            input_grad_pair(&g, &dy, &wt, &mut dx, &mut cols);
+            // The reference: the transposed product and col2im in one piece.
+            unsafe {
+                matmul(
+                    g.kdim(),
+                    g.hw_out(),
+                    c_out,
+                    &mut cols1,
+                    false,
+                    Mat::transposed(wt.as_ptr(), g.kdim()),
+                    Mat::rows(dy.as_ptr(), g.hw_out()),
+                )
+            };
+            let mut dx1 = vec![0.0; dx.len()];
+            col2im(&g, &mut cols1, &mut dx1);
+            close(&dx, &dx1, "input gradient");
         }
     }
 

@@ -7,6 +7,7 @@ pub mod fused;
 pub mod init;
 pub mod layers;
 pub mod norm;
+mod pair;
 pub mod plain;
 pub mod pytorch;
 pub mod resnet;
