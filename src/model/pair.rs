@@ -8,8 +8,8 @@
 //! pays a few hundred nanoseconds per hand-over; then it parks until the next job.
 
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::*};
+use std::sync::{Mutex, OnceLock};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
@@ -58,8 +58,11 @@ fn helper() -> Option<&'static Helper> {
 fn serve(h: &'static Helper) -> ! {
     loop {
         let since = Instant::now();
+        let mut spins = 0u32;
         while h.state.load(Acquire) != POSTED {
-            if since.elapsed() < SPIN {
+            spins = spins.wrapping_add(1);
+            // The clock is read once in a while: it costs more than the spin itself.
+            if !spins.is_multiple_of(64) || since.elapsed() < SPIN {
                 std::hint::spin_loop();
                 continue;
             }
@@ -132,6 +135,23 @@ pub(crate) fn both(f: &(dyn Fn(usize) + Sync)) {
         drop(join);
         resume_unwind(Box::new("the helper thread's half of a job panicked"));
     }
+}
+
+/// `f(0, &mut v[..at])` and `f(1, &mut v[at..])` at once, as [`both`] runs them.
+pub(crate) fn halves<T: Send, R: Send>(v: &mut [T], at: usize, f: impl Fn(usize, &mut [T]) -> R + Sync) -> [R; 2] {
+    let (a, b) = v.split_at_mut(at);
+    let parts = [Mutex::new(Some(a)), Mutex::new(Some(b))];
+    let results = [Mutex::new(None), Mutex::new(None)];
+    both(&|t| {
+        let part = parts[t].lock().ok().and_then(|mut p| p.take());
+        if let Some(part) = part {
+            let r = f(t, part);
+            if let Ok(mut slot) = results[t].lock() {
+                *slot = Some(r);
+            }
+        }
+    });
+    results.map(|m| m.into_inner().ok().flatten().expect("both halves ran to the end"))
 }
 
 #[cfg(test)]

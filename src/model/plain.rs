@@ -15,12 +15,15 @@
 //! paths agree to rounding: `tests/it/model.rs` holds outputs and input gradients to the graph's
 //! and autograd's, `tests/it/attacks.rs` every attack objective's loss and gradient.
 
+use std::ops::Range;
+
 use candle_core::{DType, Result, Tensor, bail};
 use rayon::prelude::*;
 
 use super::conv::{forward_slices, input_grad_slices};
 use super::layers::{Conv2d, Linear};
 use super::norm::Norm;
+use super::pair;
 use super::router::Router;
 use super::small_cnn::SmallCnn;
 
@@ -345,15 +348,18 @@ impl PlainSmallCnn {
             let dy = if stage.pool { unpool(&dh, &st.y, st.z_dims) } else { dh };
             let (ch, hw) = (st.z_dims[1], st.z_dims[2] * st.z_dims[3]);
             let mut dz = vec![0f32; st.z.len()];
-            // Per sample: its part of dz, and its gradients of p_clean and of the signals.
-            let sample = |bi: usize, dz: &mut [f32]| -> (f32, Vec<f32>) {
+            // Per sample and range of channels: its part of dz (from the first channel of the
+            // range), and its gradients of p_clean and of the signals.
+            let sample = |bi: usize, chans: Range<usize>, dz: &mut [f32]| -> (f32, Vec<f32>) {
                 let p = tape.p_clean[bi];
                 let mut dsig = Vec::new();
                 let mut dp = 0f32;
-                for ci in 0..ch {
+                let first = chans.start;
+                for ci in chans {
                     let k = bi * ch + ci;
                     let r = k * hw..(k + 1) * hw;
-                    let (dz, dy, y) = (&mut dz[ci * hw..(ci + 1) * hw], &dy[r.clone()], &st.y[r.clone()]);
+                    let at = (ci - first) * hw;
+                    let (dz, dy, y) = (&mut dz[at..at + hw], &dy[r.clone()], &st.y[r.clone()]);
                     if self.router.is_none() {
                         for ((dz, &dy), &y) in dz.iter_mut().zip(dy).zip(y) {
                             *dz = if y > 0.0 { dy * st.a[k] } else { 0.0 };
@@ -375,12 +381,20 @@ impl PlainSmallCnn {
                 }
                 (dp, dsig)
             };
-            let per_sample: Vec<(f32, Vec<f32>)> = if b == 1 {
-                vec![sample(0, &mut dz)]
+            let per_sample: Vec<(f32, Vec<f32>)> = if b == 1 && ch >= 2 && pair::available() {
+                // One image: half of the channels on the pair's helper thread.
+                let half = ch / 2;
+                let [(dp0, mut dsig), (dp1, dsig1)] = pair::halves(&mut dz, half * hw, |t, dz| {
+                    sample(0, if t == 0 { 0..half } else { half..ch }, dz)
+                });
+                dsig.extend(dsig1);
+                vec![(dp0 + dp1, dsig)]
+            } else if b == 1 {
+                vec![sample(0, 0..ch, &mut dz)]
             } else {
                 dz.par_chunks_mut(ch * hw)
                     .enumerate()
-                    .map(|(bi, dz)| sample(bi, dz))
+                    .map(|(bi, dz)| sample(bi, 0..ch, dz))
                     .collect()
             };
             for (bi, (d, dsig)) in per_sample.into_iter().enumerate() {
@@ -513,9 +527,23 @@ fn max_pool(x: &[f32], d: [usize; 4]) -> (Vec<f32>, [usize; 4]) {
 
 /// The gradient of [`max_pool`]: each value to the first maximum of its window in `x`.
 fn unpool(dy: &[f32], x: &[f32], d: [usize; 4]) -> Vec<f32> {
-    let (h, w) = (d[2], d[3]);
-    let (ho, wo) = (h / 2, w / 2);
+    let (h, w, planes) = (d[2], d[3], d[0] * d[1]);
     let mut dx = vec![0f32; x.len()];
+    if d[0] == 1 && planes >= 2 && pair::available() {
+        let half = planes / 2;
+        pair::halves(&mut dx, half * h * w, |t, dx| {
+            let p = if t == 0 { 0 } else { half };
+            unpool_planes(&dy[p * (h / 2) * (w / 2)..], &x[p * h * w..], h, w, dx)
+        });
+    } else {
+        unpool_planes(dy, x, h, w, &mut dx);
+    }
+    dx
+}
+
+/// [`unpool`] of as many `h x w` planes as `dx` holds, from the first of `dy` and `x`.
+fn unpool_planes(dy: &[f32], x: &[f32], h: usize, w: usize, dx: &mut [f32]) {
+    let (ho, wo) = (h / 2, w / 2);
     for ((dx, x), dy) in dx.chunks_mut(h * w).zip(x.chunks(h * w)).zip(dy.chunks(ho * wo)) {
         for i in 0..ho {
             let (r0, r1) = (2 * i * w, (2 * i + 1) * w);
@@ -530,5 +558,4 @@ fn unpool(dy: &[f32], x: &[f32], d: [usize; 4]) -> Vec<f32> {
             }
         }
     }
-    dx
 }
