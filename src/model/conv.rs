@@ -260,6 +260,26 @@ unsafe fn matmul<T: WithDType>(
     rhs: Mat<T>,
 ) {
     debug_assert!(dst.len() >= m * n);
+    // SAFETY: the caller guarantees the extents of lhs and rhs; dst is [m, n] row-major.
+    unsafe { matmul_into(m, n, k, dst.as_mut_ptr(), n, accumulate, lhs, rhs) }
+}
+
+/// [`matmul`] into `m x n` entries of a row-major matrix whose rows are `dst_stride` apart.
+///
+/// # Safety
+/// As [`matmul`], and `dst` must address `m` rows of `n` writable elements, `dst_stride` apart,
+/// that nothing else reads or writes meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_into<T: WithDType>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    dst_stride: usize,
+    accumulate: bool,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+) {
     // SAFETY: the caller guarantees the extents; gemm's `alpha` scales the old `dst` (read only
     // when `read_dst`) and `beta` the product.
     unsafe {
@@ -267,9 +287,9 @@ unsafe fn matmul<T: WithDType>(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
-            n as isize,
+            dst_stride as isize,
             accumulate,
             lhs.ptr,
             lhs.cs,
@@ -349,26 +369,15 @@ fn forward_pair<T: WithDType>(g: &Geom, x: &[T], w: &[T], out: &mut [T], cols: &
         // SAFETY: w is [c_out, kd] and cols [kd, hwo], both row-major; the two halves write
         // disjoint columns of out [c_out, hwo].
         unsafe {
-            gemm::gemm(
+            matmul_into(
                 g.c_out,
                 n1 - n0,
                 kd,
                 (dst as *mut T).add(n0),
-                1,
-                hwo as isize,
+                hwo,
                 false,
-                w.as_ptr(),
-                1,
-                kd as isize,
-                (cols as *const T).add(n0),
-                1,
-                hwo as isize,
-                T::one(),
-                T::one(),
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
+                Mat::rows(w.as_ptr(), kd),
+                Mat::rows((cols as *const T).add(n0), hwo),
             )
         }
     });
