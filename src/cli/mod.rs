@@ -150,6 +150,10 @@ pub struct TrainArgs {
     /// the adaptive attack does, so the router learns to see through it).
     #[arg(long, default_value_t = 0.0)]
     pub craft_router_lambda: f64,
+    /// AW-Net variant: also craft adaptive examples with this router-term weight and show them
+    /// only to the router's type loss, labelled adversarial (0: none, the method).
+    #[arg(long, default_value_t = 0.0)]
+    pub type_adaptive_lambda: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Base width of the backbone.

@@ -159,6 +159,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         c.trades_beta = a.trades_beta;
         c.lambda_type = a.lambda_type;
         c.craft_router_lambda = a.craft_router_lambda;
+        c.type_adaptive_lambda = a.type_adaptive_lambda;
         c.seed = a.seed;
         c.holdout = a.holdout;
         c.monitor_n = a.monitor_n;

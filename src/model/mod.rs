@@ -363,6 +363,16 @@ impl Network {
         self.router.is_some()
     }
 
+    /// The router's `[b, 2]` type logits alone (no backbone), `None` for a static network.
+    pub fn type_logits(&self, xs: &Tensor) -> Result<Option<Tensor>> {
+        Ok(self
+            .router
+            .as_ref()
+            .map(|r| r.forward(xs))
+            .transpose()?
+            .map(|r| r.type_logits))
+    }
+
     /// A snapshot of the network for [`plain`]'s hand-written inference and input gradient: the
     /// small CNN with f32 weights on the CPU; `None` for anything else.
     pub fn plain(&self) -> Result<Option<plain::PlainSmallCnn>> {

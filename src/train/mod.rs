@@ -139,6 +139,11 @@ pub struct TrainConfig {
     /// one (`CE - lambda * CE(type, clean)`), so the router learns from inputs made to look clean.
     #[serde(default)]
     pub craft_router_lambda: f64,
+    /// AW-Net, a variant beyond the method: above 0, each batch also gets adaptive examples
+    /// (router term at this weight) that only the type loss sees, labelled adversarial; the
+    /// distillation examples stay as `craft_router_lambda` makes them.
+    #[serde(default)]
+    pub type_adaptive_lambda: f64,
     /// AW-Net: adaptive loss balancing rate and exponent.
     pub balance_rate: f64,
     pub balance_beta: f64,
@@ -178,6 +183,7 @@ impl TrainConfig {
             lambda_type: 1.0,
             temperature: 1.0,
             craft_router_lambda: 0.0,
+            type_adaptive_lambda: 0.0,
             balance_rate: 0.025,
             balance_beta: 1.0,
             augment: Augment {
@@ -220,14 +226,16 @@ impl TrainConfig {
         if !(self.eps.is_finite() && (0.0..=1.0).contains(&self.eps)) {
             return bad(format!("eps {}", self.eps));
         }
-        if !(self.craft_router_lambda.is_finite() && self.craft_router_lambda >= 0.0) {
-            return bad(format!(
-                "router term weight {} of the training attack",
-                self.craft_router_lambda
-            ));
-        }
-        if self.craft_router_lambda > 0.0 && !matches!(self.method, Method::Awnet | Method::AwnetFree) {
-            return bad("a router term in the training attack needs an AW-Net method".into());
+        for (what, l) in [
+            ("the training attack", self.craft_router_lambda),
+            ("the type loss's adaptive examples", self.type_adaptive_lambda),
+        ] {
+            if !(l.is_finite() && l >= 0.0) {
+                return bad(format!("router term weight {l} of {what}"));
+            }
+            if l > 0.0 && !matches!(self.method, Method::Awnet | Method::AwnetFree) {
+                return bad(format!("a router term in {what} needs an AW-Net method"));
+            }
         }
         if self.method == Method::Awnet && (self.teacher_clean.is_none() || self.teacher_robust.is_none()) {
             return bad("AW-Net distillation needs --teacher-clean and --teacher-robust (or use awnet-free)".into());
@@ -501,7 +509,24 @@ fn step_loss(
                     .ok_or_else(|| TrainError::Settings("the model has no router".into()))?;
                 Ok(cross_entropy(tl, &vec![label; ys.len()])?.mean_all()?)
             };
-            let l_type = ((types(&s_nat, 0)? + types(&s_adv, 1)?)? * 0.5)?;
+            let (clean, attacked) = (types(&s_nat, 0)?, types(&s_adv, 1)?);
+            let l_type = if cfg.type_adaptive_lambda > 0.0 {
+                // Inputs made to look clean, for the router alone: half the adversarial share.
+                let adaptive = Objective::Adaptive {
+                    lambda: cfg.type_adaptive_lambda,
+                };
+                let hidden = craft(&net, xs, gaussian_start(xs, rng)?, cfg, &|o| {
+                    attack::loss::objective(o, ys, None, adaptive)
+                })?;
+                let tl = model
+                    .net
+                    .type_logits(&hidden)?
+                    .ok_or_else(|| TrainError::Settings("the model has no router".into()))?;
+                let hidden = cross_entropy(&tl, &vec![1; ys.len()])?.mean_all()?;
+                ((clean * 0.5)? + ((attacked + hidden)? * 0.25)?)?
+            } else {
+                ((clean + attacked)? * 0.5)?
+            };
             let (w_nat, w_adv) = (1.0 - state.w_adv, state.w_adv);
             let total = (((&l_nat * w_nat)? + (&l_adv * w_adv)?)? + (&l_type * cfg.lambda_type)?)?;
             let (vn, va) = (scalar(&l_nat)?, scalar(&l_adv)?);

@@ -81,18 +81,21 @@ fn every_method_lowers_its_training_loss() {
     let t_clean = tiny(ModelKind::Static, 11);
     let t_robust = tiny(ModelKind::Static, 12);
     let (tc, tr) = (t_clean.frozen().unwrap(), t_robust.frozen().unwrap());
-    // (method, weight of the router term in the training attack: the adaptive-crafting variant)
-    for (method, craft_router_lambda) in [
-        (Method::Standard, 0.0),
-        (Method::PgdAt, 0.0),
-        (Method::Trades, 0.0),
-        (Method::Awnet, 0.0),
-        (Method::Awnet, 1.0),
-        (Method::AwnetFree, 0.0),
+    // (method, router-term weights of the two AW-Net variants: in the training attack, and in
+    // extra examples for the type loss)
+    for (method, craft_router_lambda, type_adaptive_lambda) in [
+        (Method::Standard, 0.0, 0.0),
+        (Method::PgdAt, 0.0, 0.0),
+        (Method::Trades, 0.0, 0.0),
+        (Method::Awnet, 0.0, 0.0),
+        (Method::Awnet, 1.0, 0.0),
+        (Method::Awnet, 0.0, 1.0),
+        (Method::AwnetFree, 0.0, 0.0),
     ] {
         let mut model = tiny(method.model_kind(), 1);
         let mut cfg = config(method, 2);
         cfg.craft_router_lambda = craft_router_lambda;
+        cfg.type_adaptive_lambda = type_adaptive_lambda;
         let run = Run {
             config: cfg,
             train: &train_set,
@@ -291,22 +294,34 @@ fn a_router_term_in_the_training_attack_needs_an_awnet_method() {
 fn the_router_term_changes_what_awnet_trains_on() {
     let (train_set, held) = data(64);
     let dir = tempfile::tempdir().unwrap();
-    let trained = |craft_router_lambda: f64| {
+    let trained = |craft_router_lambda: f64, type_adaptive_lambda: f64| {
         let mut cfg = config(Method::AwnetFree, 1);
         cfg.craft_router_lambda = craft_router_lambda;
+        cfg.type_adaptive_lambda = type_adaptive_lambda;
         cfg.monitor_n = 0;
         let run = Run {
             config: cfg,
             train: &train_set,
             monitor: &held,
             teachers: None,
-            out: dir.path().join(format!("m{craft_router_lambda}.safetensors")),
+            out: dir
+                .path()
+                .join(format!("m{craft_router_lambda}-{type_adaptive_lambda}.safetensors")),
         };
         let mut model = tiny(ModelKind::Awnet, 1);
         train::train(&mut model, &run, None, &mut Recorder::default()).unwrap();
         weights(&model)
     };
-    let (plain, again, adaptive) = (trained(0.0), trained(0.0), trained(1.0));
+    let (plain, again) = (trained(0.0, 0.0), trained(0.0, 0.0));
     assert_eq!(plain, again, "same seed, same weights");
-    assert_ne!(plain, adaptive, "the router term must change the training attack");
+    assert_ne!(
+        plain,
+        trained(1.0, 0.0),
+        "the router term must change the training attack"
+    );
+    assert_ne!(
+        plain,
+        trained(0.0, 1.0),
+        "the type loss's adaptive examples must change training"
+    );
 }
