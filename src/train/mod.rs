@@ -474,18 +474,18 @@ fn step_loss(
         }
         Method::Awnet | Method::AwnetFree => {
             let net = frozen()?;
-            let adv = if cfg.craft_router_lambda > 0.0 {
-                let adaptive = Objective::Adaptive {
-                    lambda: cfg.craft_router_lambda,
+            // PGD on cross-entropy (the method), or the adaptive attack with a router term.
+            let mut pgd = |lambda: f64| -> Result<Tensor> {
+                let obj = if lambda > 0.0 {
+                    Objective::Adaptive { lambda }
+                } else {
+                    Objective::Ce
                 };
                 craft(&net, xs, gaussian_start(xs, rng)?, cfg, &|o| {
-                    attack::loss::objective(o, ys, None, adaptive)
-                })?
-            } else {
-                craft(&net, xs, gaussian_start(xs, rng)?, cfg, &|o| {
-                    cross_entropy(&o.logits, ys)
-                })?
+                    attack::loss::objective(o, ys, None, obj)
+                })
             };
+            let adv = pgd(cfg.craft_router_lambda)?;
             let s_nat = model.forward(xs, Mode::Train(BatchType::Clean))?;
             let s_adv = model.forward(&adv, Mode::Train(BatchType::Adversarial))?;
             let (l_nat, l_adv, names) = match (cfg.method, run.teachers) {
@@ -512,12 +512,7 @@ fn step_loss(
             let (clean, attacked) = (types(&s_nat, 0)?, types(&s_adv, 1)?);
             let l_type = if cfg.type_adaptive_lambda > 0.0 {
                 // Inputs made to look clean, for the router alone: half the adversarial share.
-                let adaptive = Objective::Adaptive {
-                    lambda: cfg.type_adaptive_lambda,
-                };
-                let hidden = craft(&net, xs, gaussian_start(xs, rng)?, cfg, &|o| {
-                    attack::loss::objective(o, ys, None, adaptive)
-                })?;
+                let hidden = pgd(cfg.type_adaptive_lambda)?;
                 let tl = model
                     .net
                     .type_logits(&hidden)?
