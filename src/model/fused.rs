@@ -322,10 +322,12 @@ mod tests {
 }
 
 /// Train-mode batch normalisation with precomputed batch statistics:
-/// `y = (x - mean[c]) * invstd[c] * weight[c] + bias[c]` over `[b, c, h, w]`.
+/// `y = (x - mean[c]) * invstd[c] * weight[c] + bias[c]` over `[b, c, h, w]`, followed by a ReLU
+/// when `relu` is set (then the gradient passes only where `y > 0`).
 struct BatchNormTrain {
     mean: Vec<f32>,
     invstd: Vec<f32>,
+    relu: bool,
 }
 
 impl BatchNormTrain {
@@ -351,10 +353,14 @@ impl CustomOp3 for BatchNormTrain {
         let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let (_, c, h, wd) = l1.shape().dims4()?;
         let hw = h * wd;
+        let relu = self.relu;
         let y = planes(x.len() / hw.max(1), hw, |p| {
             let (m, is) = self.plane(c, p);
             let (a, s) = (is * w[p % c], b[p % c] - m * is * w[p % c]);
-            x[p * hw..(p + 1) * hw].iter().map(move |&x| x * a + s)
+            x[p * hw..(p + 1) * hw].iter().map(move |&x| {
+                let v = x * a + s;
+                if relu { v.max(0.0) } else { v }
+            })
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -364,48 +370,53 @@ impl CustomOp3 for BatchNormTrain {
         x: &Tensor,
         weight: &Tensor,
         bias: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, c, h, w) = x.dims4()?;
         let hw = h * w;
         let n = (b * hw) as f32;
-        // Per channel: sum dy and sum dy * xhat.
+        let relu = self.relu;
+        // The gradient at the normalised value: dy, or 0 where the ReLU cut it off.
+        // Per channel: sum it and sum it times xhat.
         let (sums, dx) = with_f32(dy, |dy| {
-            with_f32(x, |xv| {
-                with_f32(weight, |wt| {
-                    let plane_sums: Vec<(f32, f32)> = (0..b * c)
-                        .into_par_iter()
-                        .map(|p| {
-                            let (m, is) = self.plane(c, p);
-                            let r = p * hw..(p + 1) * hw;
-                            // In 8 lanes, so that the sums vectorise.
-                            let (mut s, mut sx) = ([0f32; 8], [0f32; 8]);
-                            for (k, (&g, &x)) in dy[r.clone()].iter().zip(&xv[r]).enumerate() {
-                                s[k % 8] += g;
-                                sx[k % 8] += g * (x - m) * is;
-                            }
-                            (s.iter().sum::<f32>(), sx.iter().sum::<f32>())
-                        })
-                        .collect();
-                    let mut sums = vec![(0f32, 0f32); c];
-                    for (p, (s, sx)) in plane_sums.into_iter().enumerate() {
-                        sums[p % c].0 += s;
-                        sums[p % c].1 += sx;
-                    }
-                    let dx = x.track_op().then(|| {
-                        planes(b * c, hw, |p| {
-                            let (m, is) = self.plane(c, p);
-                            let (sg, sgx) = sums[p % c];
-                            let k = wt[p % c] * is / n;
-                            let r = p * hw..(p + 1) * hw;
-                            dy[r.clone()]
-                                .iter()
-                                .zip(&xv[r])
-                                .map(move |(&g, &x)| k * (n * g - sg - (x - m) * is * sgx))
-                        })
-                    });
-                    Ok((sums, dx))
+            with_f32(y, |y| {
+                with_f32(x, |xv| {
+                    with_f32(weight, |wt| {
+                        let gate = |i: usize| if relu && y[i] <= 0.0 { 0.0 } else { dy[i] };
+                        let plane_sums: Vec<(f32, f32)> = (0..b * c)
+                            .into_par_iter()
+                            .map(|p| {
+                                let (m, is) = self.plane(c, p);
+                                let r = p * hw..(p + 1) * hw;
+                                // In 8 lanes, so that the sums vectorise.
+                                let (mut s, mut sx) = ([0f32; 8], [0f32; 8]);
+                                for (k, (i, &x)) in r.clone().zip(&xv[r]).enumerate() {
+                                    let g = gate(i);
+                                    s[k % 8] += g;
+                                    sx[k % 8] += g * (x - m) * is;
+                                }
+                                (s.iter().sum::<f32>(), sx.iter().sum::<f32>())
+                            })
+                            .collect();
+                        let mut sums = vec![(0f32, 0f32); c];
+                        for (p, (s, sx)) in plane_sums.into_iter().enumerate() {
+                            sums[p % c].0 += s;
+                            sums[p % c].1 += sx;
+                        }
+                        let dx = x.track_op().then(|| {
+                            planes(b * c, hw, |p| {
+                                let (m, is) = self.plane(c, p);
+                                let (sg, sgx) = sums[p % c];
+                                let k = wt[p % c] * is / n;
+                                let r = p * hw..(p + 1) * hw;
+                                r.clone()
+                                    .zip(&xv[r])
+                                    .map(move |(i, &x)| k * (n * gate(i) - sg - (x - m) * is * sgx))
+                            })
+                        });
+                        Ok((sums, dx))
+                    })
                 })
             })
         })?;
@@ -419,13 +430,15 @@ impl CustomOp3 for BatchNormTrain {
 }
 
 /// Train-mode batch normalisation of `[b, c, h, w]` f32 CPU input with batch statistics, one
-/// pass for the statistics and one for the output; returns the output and the batch mean and
-/// biased variance (`[c]`, detached) for the running statistics. `None` for other tensors.
+/// pass for the statistics and one for the output, with a ReLU after it when `relu` is set;
+/// returns the output and the batch mean and biased variance (`[c]`, detached) for the running
+/// statistics. `None` for other tensors.
 pub fn batch_norm_train(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     eps: f64,
+    relu: bool,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     if !fusable(&[x, weight, bias]) {
         return Ok(None);
@@ -464,6 +477,7 @@ pub fn batch_norm_train(
     let op = BatchNormTrain {
         mean: mean.iter().map(|&m| m as f32).collect(),
         invstd: var.iter().map(|&v| (1.0 / (v + eps).sqrt()) as f32).collect(),
+        relu,
     };
     let y = x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
     let dev = x.device();
@@ -478,10 +492,16 @@ mod bn_tests {
     use candle_core::{Device, Var};
     use candle_nn::{VarBuilder, VarMap};
 
-    /// The fused train-mode BN against the composite ops in f64: output, the three gradients,
-    /// and the running statistics it leaves.
+    /// The fused train-mode BN, with and without its ReLU, against the composite ops in f64:
+    /// output, the three gradients, and the running statistics it leaves.
     #[test]
     fn fused_train_batch_norm_matches_the_composite() {
+        for relu in [false, true] {
+            fused_train_batch_norm_case(relu);
+        }
+    }
+
+    fn fused_train_batch_norm_case(relu: bool) {
         let make = |dtype: DType| {
             let vm = VarMap::new();
             let vb = VarBuilder::from_varmap(&vm, dtype, &Device::Cpu);
@@ -517,7 +537,7 @@ mod bn_tests {
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap();
-            let y = bn.forward_train(&x).unwrap();
+            let y = bn.forward_train(&x, relu).unwrap();
             let g = (&y * &p).unwrap().sum_all().unwrap().backward().unwrap();
             let flat = |t: &Tensor| {
                 t.to_dtype(DType::F64)
@@ -537,9 +557,13 @@ mod bn_tests {
             }
             results.push(r);
         }
+        if relu {
+            let cut = results[0][0].iter().filter(|&&v| v == 0.0).count();
+            assert!(cut > 10 && cut < 110, "the ReLU cuts {cut} of 120 values");
+        }
         for (i, (a, b)) in results[0].iter().zip(&results[1]).enumerate() {
             let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
-            assert!(d < 1e-4, "quantity {i} differs by {d}");
+            assert!(d < 1e-4, "relu {relu}: quantity {i} differs by {d}");
         }
     }
 }

@@ -158,14 +158,15 @@ impl BatchNorm {
     }
 
     /// Normalises with the batch statistics and moves the running statistics towards them
-    /// (PyTorch's update: unbiased variance, `momentum` weight on the new value).
-    pub fn forward_train(&self, xs: &Tensor) -> Result<Tensor> {
+    /// (PyTorch's update: unbiased variance, `momentum` weight on the new value). With `relu`,
+    /// returns `relu` of the normalised values, in the same pass.
+    pub fn forward_train(&self, xs: &Tensor, relu: bool) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let n = b * h * w;
         if n < 2 {
             candle_core::bail!("batch norm in train mode needs more than one value per channel");
         }
-        let (ys, mean, var) = match super::fused::batch_norm_train(xs, &self.weight, &self.bias, self.eps)? {
+        let (ys, mean, var) = match super::fused::batch_norm_train(xs, &self.weight, &self.bias, self.eps, relu)? {
             Some(fused) => fused,
             None => {
                 let per_channel = xs.transpose(0, 1)?.reshape((c, n))?;
@@ -179,6 +180,7 @@ impl BatchNorm {
                     .reshape((c, b, h, w))?
                     .transpose(0, 1)?
                     .contiguous()?;
+                let ys = if relu { ys.relu()? } else { ys };
                 (ys, mean, var)
             }
         };

@@ -38,11 +38,23 @@ impl Norm {
     /// Training: batch statistics of the BN that the batch's known type selects.
     /// Inference: `p_clean * BN_clean(z) + p_adv * BN_adv(z)` per sample, both in eval mode.
     pub fn forward(&self, xs: &Tensor, ctx: &NormCtx) -> Result<Tensor> {
+        self.forward_maybe_relu(xs, ctx, false)
+    }
+
+    /// `relu(self.forward(xs, ctx))`, fused into one pass each way where the kernels allow.
+    pub fn forward_relu(&self, xs: &Tensor, ctx: &NormCtx) -> Result<Tensor> {
+        match self.eval_affine(ctx)? {
+            Some((scale, shift)) => super::fused::affine_relu(xs, &scale, &shift),
+            None => self.forward_maybe_relu(xs, ctx, true),
+        }
+    }
+
+    fn forward_maybe_relu(&self, xs: &Tensor, ctx: &NormCtx, relu: bool) -> Result<Tensor> {
         match (self, ctx.mode) {
-            (Self::Single(bn), Mode::Train(_)) => bn.forward_train(xs),
+            (Self::Single(bn), Mode::Train(_)) => bn.forward_train(xs, relu),
             (Self::Single(bn), Mode::Eval) => bn.forward_eval(xs),
-            (Self::Mix { clean, .. }, Mode::Train(BatchType::Clean)) => clean.forward_train(xs),
-            (Self::Mix { adv, .. }, Mode::Train(BatchType::Adversarial)) => adv.forward_train(xs),
+            (Self::Mix { clean, .. }, Mode::Train(BatchType::Clean)) => clean.forward_train(xs, relu),
+            (Self::Mix { adv, .. }, Mode::Train(BatchType::Adversarial)) => adv.forward_train(xs, relu),
             (Self::Mix { clean, adv }, Mode::Eval) => {
                 let p_clean = ctx
                     .p_clean

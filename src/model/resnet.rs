@@ -33,7 +33,7 @@ impl BasicBlock {
             }
         };
         let h = scale(self.conv1.forward(xs)?, 0)?;
-        let h = self.bn1.forward(&h, ctx)?.relu()?;
+        let h = self.bn1.forward_relu(&h, ctx)?;
         let h = scale(self.conv2.forward(&h)?, self.planes)?;
         let h = self.bn2.forward(&h, ctx)?;
         let short = match &self.shortcut {
@@ -104,7 +104,7 @@ impl ResNet18 {
     }
 
     pub fn forward(&self, xs: &Tensor, signals: Option<&[Tensor]>, ctx: &NormCtx) -> Result<Tensor> {
-        let mut h = self.bn1.forward(&self.conv1.forward(xs)?, ctx)?.relu()?;
+        let mut h = self.bn1.forward_relu(&self.conv1.forward(xs)?, ctx)?;
         for (j, block) in self.blocks.iter().enumerate() {
             h = block.forward(&h, signals.map(|s| &s[j]), ctx)?;
         }

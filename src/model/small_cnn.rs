@@ -139,7 +139,7 @@ fn norm_relu(norm: &Norm, z: &Tensor, signal: Option<&Tensor>, ctx: &NormCtx) ->
                 Some(s) => scale_channels(z, s)?,
                 None => z.clone(),
             };
-            norm.forward(&z, ctx)?.relu()
+            norm.forward_relu(&z, ctx)
         }
     }
 }
