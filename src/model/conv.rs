@@ -116,16 +116,19 @@ impl Geom {
 }
 
 /// `cols[(ci, ki, kj), (oy, ox)] = x[ci, oy*s + ki - p, ox*s + kj - p]`, zero outside.
+#[cfg(test)]
 fn im2col<T: WithDType>(g: &Geom, x: &[T], cols: &mut [T]) {
-    im2col_chans(g, x, cols, 0..g.c_in)
+    im2col_chans(g, x, cols, 0..g.c_in, g.hw_out())
 }
 
-/// [`im2col`]'s rows of the input channels `chans` only, into `cols` starting at the first.
-fn im2col_chans<T: WithDType>(g: &Geom, x: &[T], cols: &mut [T], chans: Range<usize>) {
+/// [`im2col`]'s rows of the input channels `chans` only, into `cols` starting at the first, each
+/// row `ld` values after the one before (`hw_out`, or more when several images share the matrix).
+fn im2col_chans<T: WithDType>(g: &Geom, x: &[T], cols: &mut [T], chans: Range<usize>, ld: usize) {
     let (k, s, p, wo, ho) = (g.k, g.stride, g.pad, g.w_out, g.h_out);
     let first = chans.start * k * k;
     if g.is_same() {
-        for (r, row) in cols.chunks_exact_mut(g.hw_out()).take(chans.len() * k * k).enumerate() {
+        for r in 0..chans.len() * k * k {
+            let row = &mut cols[r * ld..][..g.hw_out()];
             let r = first + r;
             let (ci, ki, kj) = (r / (k * k), r / k % k, r % k);
             let plane = &x[ci * g.hw()..(ci + 1) * g.hw()];
@@ -143,7 +146,7 @@ fn im2col_chans<T: WithDType>(g: &Geom, x: &[T], cols: &mut [T], chans: Range<us
             let (oy_lo, oy_hi) = g.valid(ki, ho, g.h);
             for kj in 0..k {
                 let (ox_lo, ox_hi) = g.valid(kj, wo, g.w);
-                let row = &mut cols[((ci * k + ki) * k + kj - first) * g.hw_out()..][..g.hw_out()];
+                let row = &mut cols[((ci * k + ki) * k + kj - first) * ld..][..g.hw_out()];
                 row[..oy_lo * wo].fill(T::zero());
                 row[oy_hi * wo..].fill(T::zero());
                 for oy in oy_lo..oy_hi {
@@ -167,16 +170,18 @@ fn im2col_chans<T: WithDType>(g: &Geom, x: &[T], cols: &mut [T], chans: Range<us
 
 /// The adjoint of `im2col`: adds every column entry onto the pixel it was read from, in `dx`,
 /// which the caller zeroes. `cols` is scratch: entries that read padding may be overwritten.
+#[cfg(test)]
 fn col2im<T: WithDType>(g: &Geom, cols: &mut [T], dx: &mut [T]) {
-    col2im_chans(g, cols, dx, 0..g.c_in)
+    col2im_chans(g, cols, dx, 0..g.c_in, g.hw_out())
 }
 
-/// [`col2im`] for the input channels `chans` only: their rows of the column matrix in `cols`,
-/// their planes in `dx`, each starting at the first.
-fn col2im_chans<T: WithDType>(g: &Geom, cols: &mut [T], dx: &mut [T], chans: Range<usize>) {
+/// [`col2im`] for the input channels `chans` only: their rows of the column matrix in `cols`
+/// (`ld` apart, as in [`im2col_chans`]), their planes in `dx`, each starting at the first.
+fn col2im_chans<T: WithDType>(g: &Geom, cols: &mut [T], dx: &mut [T], chans: Range<usize>, ld: usize) {
     let (k, s, p, wo, ho) = (g.k, g.stride, g.pad, g.w_out, g.h_out);
     if g.is_same() {
-        for (r, row) in cols.chunks_exact_mut(g.hw_out()).take(chans.len() * k * k).enumerate() {
+        for r in 0..chans.len() * k * k {
+            let row = &mut cols[r * ld..][..g.hw_out()];
             let (ci, ki, kj) = (r / (k * k), r / k % k, r % k);
             let (a, e, off) = g.same_span(ki, kj);
             let plane = &mut dx[ci * g.hw()..(ci + 1) * g.hw()];
@@ -196,7 +201,7 @@ fn col2im_chans<T: WithDType>(g: &Geom, cols: &mut [T], dx: &mut [T], chans: Ran
             let (oy_lo, oy_hi) = g.valid(ki, ho, g.h);
             for kj in 0..k {
                 let (ox_lo, ox_hi) = g.valid(kj, wo, g.w);
-                let row = &cols[((ci * k + ki) * k + kj) * g.hw_out()..][..g.hw_out()];
+                let row = &cols[((ci * k + ki) * k + kj) * ld..][..g.hw_out()];
                 for oy in oy_lo..oy_hi {
                     let dst = &mut plane[(oy * s + ki - p) * g.w..][..g.w];
                     let src = &row[oy * wo..(oy + 1) * wo];
@@ -307,9 +312,48 @@ unsafe fn matmul_into<T: WithDType>(
     }
 }
 
-/// Samples per rayon task: enough tasks to balance, few enough to reuse the im2col buffer.
-fn chunk(b: usize) -> usize {
-    b.div_ceil(4 * rayon::current_num_threads()).max(1)
+/// Columns a product should have at least: smaller maps (ResNet-18's last stages, 8x8 and 4x4)
+/// share one column matrix between several images, since gemm is slow on thin products (and a
+/// weight-gradient product over 16 columns reads and writes the whole `[c_out, kd]` result for
+/// little work).
+const MIN_COLS: usize = 256;
+
+/// Images per product: one for maps of `MIN_COLS` outputs or more, and for pointwise
+/// convolutions, whose image already is the matrix.
+fn group(g: &Geom) -> usize {
+    if g.is_pointwise() {
+        1
+    } else {
+        (MIN_COLS / g.hw_out().max(1)).clamp(1, g.b.max(1))
+    }
+}
+
+/// Samples per rayon task: enough tasks to balance, few enough to reuse the im2col buffer, and a
+/// whole number of `group`s.
+fn chunk(b: usize, group: usize) -> usize {
+    b.div_ceil(4 * rayon::current_num_threads())
+        .max(1)
+        .next_multiple_of(group)
+}
+
+/// `n` images' `[c, hw]` maps, one after another in `src`, as one `[c, n * hw]` matrix in `dst`.
+fn gather<T: Copy>(src: &[T], c: usize, hw: usize, dst: &mut [T]) {
+    let ld = src.len() / c;
+    for (i, image) in src.chunks_exact(c * hw).enumerate() {
+        for (ch, plane) in image.chunks_exact(hw).enumerate() {
+            dst[ch * ld + i * hw..][..hw].copy_from_slice(plane);
+        }
+    }
+}
+
+/// The inverse of [`gather`]: a `[c, n * hw]` matrix back into `n` images' `[c, hw]` maps.
+fn scatter<T: Copy>(src: &[T], c: usize, hw: usize, dst: &mut [T]) {
+    let ld = dst.len() / c;
+    for (i, image) in dst.chunks_exact_mut(c * hw).enumerate() {
+        for (ch, plane) in image.chunks_exact_mut(hw).enumerate() {
+            plane.copy_from_slice(&src[ch * ld + i * hw..][..hw]);
+        }
+    }
 }
 
 thread_local! {
@@ -357,7 +401,7 @@ fn forward_pair<T: WithDType>(g: &Geom, x: &[T], w: &[T], out: &mut [T], cols: &
             let part = parts[t].lock().ok().and_then(|mut p| p.take());
             if let Some(part) = part {
                 let chans = if t == 0 { 0..half } else { half..g.c_in };
-                im2col_chans(g, x, part, chans);
+                im2col_chans(g, x, part, chans, hwo);
             }
         });
     }
@@ -410,7 +454,7 @@ fn input_grad_pair<T: WithDType>(g: &Geom, dy: &[T], w: &[T], dx: &mut [T], cols
                 Mat::rows(dy.as_ptr(), hwo),
             )
         };
-        col2im_chans(g, cols, dx, chans);
+        col2im_chans(g, cols, dx, chans, hwo);
     });
 }
 
@@ -427,30 +471,55 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
         with_cols(kd * hwo, |cols: &mut [T]| forward_pair(g, x, w, &mut out, cols));
         return out;
     }
-    let c = chunk(g.b);
-    let cols_len = if g.is_pointwise() { 0 } else { kd * hwo };
+    let n_g = group(g);
+    let c = chunk(g.b, n_g);
+    let cols_len = if g.is_pointwise() { 0 } else { kd * hwo * n_g };
     each_chunk(&mut out, c * g.c_out * hwo, |t, out| {
         with_cols(cols_len, |cols: &mut [T]| {
-            for (i, out) in out.chunks_mut(g.c_out * hwo).enumerate() {
-                let x = &x[(t * c + i) * g.c_in * g.hw()..][..g.c_in * g.hw()];
-                let rhs: &[T] = if g.is_pointwise() {
-                    x
+            for (j, out) in out.chunks_mut(n_g * g.c_out * hwo).enumerate() {
+                let n = out.len() / (g.c_out * hwo);
+                let x = &x[(t * c + j * n_g) * g.c_in * g.hw()..][..n * g.c_in * g.hw()];
+                if g.is_pointwise() {
+                    // SAFETY: w is [c_out, kd], x [kd, hwo] (n is 1), out [c_out, hwo].
+                    unsafe {
+                        matmul(
+                            g.c_out,
+                            hwo,
+                            kd,
+                            out,
+                            false,
+                            Mat::rows(w.as_ptr(), kd),
+                            Mat::rows(x.as_ptr(), hwo),
+                        )
+                    };
+                    continue;
+                }
+                let ld = n * hwo;
+                for (i, x) in x.chunks_exact(g.c_in * g.hw()).enumerate() {
+                    im2col_chans(g, x, &mut cols[i * hwo..], 0..g.c_in, ld);
+                }
+                let product = |dst: &mut [T]| {
+                    // SAFETY: w is [c_out, kd], cols [kd, ld], dst [c_out, ld], all row-major.
+                    unsafe {
+                        matmul(
+                            g.c_out,
+                            ld,
+                            kd,
+                            dst,
+                            false,
+                            Mat::rows(w.as_ptr(), kd),
+                            Mat::rows(cols.as_ptr(), ld),
+                        )
+                    }
+                };
+                if n == 1 {
+                    product(out);
                 } else {
-                    im2col(g, x, cols);
-                    cols
-                };
-                // SAFETY: w is [c_out, kd], rhs [kd, hwo], out [c_out, hwo], all row-major.
-                unsafe {
-                    matmul(
-                        g.c_out,
-                        hwo,
-                        kd,
-                        out,
-                        false,
-                        Mat::rows(w.as_ptr(), kd),
-                        Mat::rows(rhs.as_ptr(), hwo),
-                    )
-                };
+                    with_cols(g.c_out * ld, |wide: &mut [T]| {
+                        product(&mut *wide);
+                        scatter(wide, g.c_out, hwo, out);
+                    });
+                }
             }
         })
     });
@@ -465,27 +534,43 @@ fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
         with_cols(kd * hwo, |cols: &mut [T]| input_grad_pair(g, dy, w, &mut dx, cols));
         return dx;
     }
-    let c = chunk(g.b);
-    let cols_len = if g.is_pointwise() { 0 } else { kd * hwo };
+    let n_g = group(g);
+    let c = chunk(g.b, n_g);
+    let cols_len = if g.is_pointwise() { 0 } else { kd * hwo * n_g };
     each_chunk(&mut dx, c * g.c_in * g.hw(), |t, dx| {
         with_cols(cols_len, |cols: &mut [T]| {
-            for (i, dx) in dx.chunks_mut(g.c_in * g.hw()).enumerate() {
-                let dy = &dy[(t * c + i) * g.c_out * hwo..][..g.c_out * hwo];
-                let dst = if g.is_pointwise() { &mut *dx } else { &mut *cols };
-                // SAFETY: w^T is [kd, c_out], dy [c_out, hwo], dst [kd, hwo].
-                unsafe {
-                    matmul(
-                        kd,
-                        hwo,
-                        g.c_out,
-                        dst,
-                        false,
-                        Mat::transposed(w.as_ptr(), kd),
-                        Mat::rows(dy.as_ptr(), hwo),
-                    )
+            for (j, dx) in dx.chunks_mut(n_g * g.c_in * g.hw()).enumerate() {
+                let n = dx.len() / (g.c_in * g.hw());
+                let dy = &dy[(t * c + j * n_g) * g.c_out * hwo..][..n * g.c_out * hwo];
+                let ld = n * hwo;
+                let product = |dy: &[T], dst: &mut [T]| {
+                    // SAFETY: w^T is [kd, c_out], dy [c_out, ld], dst [kd, ld].
+                    unsafe {
+                        matmul(
+                            kd,
+                            ld,
+                            g.c_out,
+                            dst,
+                            false,
+                            Mat::transposed(w.as_ptr(), kd),
+                            Mat::rows(dy.as_ptr(), ld),
+                        )
+                    }
                 };
-                if !g.is_pointwise() {
-                    col2im(g, cols, dx);
+                if g.is_pointwise() {
+                    product(dy, dx);
+                    continue;
+                }
+                if n == 1 {
+                    product(dy, &mut *cols);
+                } else {
+                    with_cols(g.c_out * ld, |wide: &mut [T]| {
+                        gather(dy, g.c_out, hwo, wide);
+                        product(wide, &mut *cols);
+                    });
+                }
+                for (i, dx) in dx.chunks_exact_mut(g.c_in * g.hw()).enumerate() {
+                    col2im_chans(g, &mut cols[i * hwo..], dx, 0..g.c_in, ld);
                 }
             }
         })
@@ -496,32 +581,48 @@ fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
 /// `dw` `[c_out, c_in, k, k]` from the output gradient and the input, summed over the batch.
 fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
     let (kd, hwo) = (g.kdim(), g.hw_out());
-    let c = chunk(g.b);
+    let n_g = group(g);
+    let c = chunk(g.b, n_g);
     let partial = |t: usize| {
         let mut dw = vec![T::zero(); g.c_out * kd];
-        let cols_len = if g.is_pointwise() { 0 } else { kd * hwo };
+        let cols_len = if g.is_pointwise() { 0 } else { kd * hwo * n_g };
+        let samples = t * c..((t + 1) * c).min(g.b);
         with_cols(cols_len, |buf: &mut [T]| {
-            for (i, sample) in (t * c..((t + 1) * c).min(g.b)).enumerate() {
-                let x = &x[sample * g.c_in * g.hw()..][..g.c_in * g.hw()];
-                let dy = &dy[sample * g.c_out * hwo..][..g.c_out * hwo];
+            for (j, first) in samples.clone().step_by(n_g).enumerate() {
+                let n = n_g.min(samples.end - first);
+                let ld = n * hwo;
+                let x = &x[first * g.c_in * g.hw()..][..n * g.c_in * g.hw()];
+                let dy = &dy[first * g.c_out * hwo..][..n * g.c_out * hwo];
                 let cols: &[T] = if g.is_pointwise() {
                     x
                 } else {
-                    im2col(g, x, buf);
+                    for (i, x) in x.chunks_exact(g.c_in * g.hw()).enumerate() {
+                        im2col_chans(g, x, &mut buf[i * hwo..], 0..g.c_in, ld);
+                    }
                     buf
                 };
-                // SAFETY: dy is [c_out, hwo], cols^T [hwo, kd], dw [c_out, kd].
-                unsafe {
-                    matmul(
-                        g.c_out,
-                        kd,
-                        hwo,
-                        &mut dw,
-                        i > 0,
-                        Mat::rows(dy.as_ptr(), hwo),
-                        Mat::transposed(cols.as_ptr(), hwo),
-                    )
+                let mut product = |dy: &[T]| {
+                    // SAFETY: dy is [c_out, ld], cols^T [ld, kd], dw [c_out, kd].
+                    unsafe {
+                        matmul(
+                            g.c_out,
+                            kd,
+                            ld,
+                            &mut dw,
+                            j > 0,
+                            Mat::rows(dy.as_ptr(), ld),
+                            Mat::transposed(cols.as_ptr(), ld),
+                        )
+                    }
                 };
+                if n == 1 {
+                    product(dy);
+                } else {
+                    with_cols(g.c_out * ld, |wide: &mut [T]| {
+                        gather(dy, g.c_out, hwo, wide);
+                        product(wide);
+                    });
+                }
             }
         });
         dw
@@ -757,6 +858,10 @@ mod tests {
             (9, 1, 3, 3, 1, 3, 1, 1),
             (2, 3, 6, 9, 2, 3, 1, 1),
             (2, 2, 1, 4, 3, 3, 1, 1),
+            // Maps under MIN_COLS outputs share a product: several groups per task, a last
+            // group of one, and a strided one.
+            (40, 2, 8, 8, 3, 3, 1, 1),
+            (13, 2, 16, 16, 2, 3, 2, 1),
             // One image with channels to split: the two-thread path where there are two cores.
             (1, 3, 6, 9, 2, 3, 1, 1),
             (1, 5, 20, 20, 4, 3, 1, 1),
