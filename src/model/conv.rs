@@ -1,6 +1,7 @@
-//! The project's own CPU convolution: im2col around the `gemm` crate, one sample per task on
-//! rayon's pool, with the input gradient and the weight gradient as separate kernels that the
-//! backward pass runs only for the arguments that need them.
+//! The project's own CPU convolution: im2col around the `gemm` crate, a few samples per task on
+//! rayon's pool (one product per image, or per group of images on small maps; one image's
+//! convolution split over two threads), with the input gradient and the weight gradient as
+//! separate kernels that the backward pass runs only for the arguments that need them.
 //!
 //! candle 0.11's CPU convolution reaches a fraction of the gemm ceiling here, its input gradient is
 //! a naive `conv_transpose2d`, and its backward always computes the weight gradient too, even in an
