@@ -38,24 +38,10 @@ impl Norm {
     /// Training: batch statistics of the BN that the batch's known type selects.
     /// Inference: `p_clean * BN_clean(z) + p_adv * BN_adv(z)` per sample, both in eval mode.
     pub fn forward(&self, xs: &Tensor, ctx: &NormCtx) -> Result<Tensor> {
-        self.forward_maybe_relu(xs, ctx, false)
-    }
-
-    /// `relu(self.forward(xs, ctx))`, fused into one pass each way where the kernels allow.
-    pub fn forward_relu(&self, xs: &Tensor, ctx: &NormCtx) -> Result<Tensor> {
-        match self.eval_affine(ctx)? {
-            Some((scale, shift)) => super::fused::affine_relu(xs, &scale, &shift),
-            None => self.forward_maybe_relu(xs, ctx, true),
-        }
-    }
-
-    fn forward_maybe_relu(&self, xs: &Tensor, ctx: &NormCtx, relu: bool) -> Result<Tensor> {
-        match (self, ctx.mode) {
-            (Self::Single(bn), Mode::Train(_)) => bn.forward_train(xs, relu),
-            (Self::Single(bn), Mode::Eval) => bn.forward_eval(xs),
-            (Self::Mix { clean, .. }, Mode::Train(BatchType::Clean)) => clean.forward_train(xs, relu),
-            (Self::Mix { adv, .. }, Mode::Train(BatchType::Adversarial)) => adv.forward_train(xs, relu),
-            (Self::Mix { clean, adv }, Mode::Eval) => {
+        match (self, self.training_bn(ctx)) {
+            (_, Some(bn)) => bn.forward_train(xs, false),
+            (Self::Single(bn), None) => bn.forward_eval(xs),
+            (Self::Mix { clean, adv }, None) => {
                 let p_clean = ctx
                     .p_clean
                     .ok_or_else(|| candle_core::Error::Msg("MixBN needs type probabilities".into()))?;
@@ -64,6 +50,28 @@ impl Norm {
                 xs.broadcast_mul(&scale.reshape((b, c, 1, 1))?)?
                     .broadcast_add(&shift.reshape((b, c, 1, 1))?)
             }
+        }
+    }
+
+    /// `relu(self.forward(xs, ctx))`, fused into one pass each way.
+    pub fn forward_relu(&self, xs: &Tensor, ctx: &NormCtx) -> Result<Tensor> {
+        match (self.training_bn(ctx), self.eval_affine(ctx)?) {
+            (Some(bn), _) => bn.forward_train(xs, true),
+            (None, Some((scale, shift))) => super::fused::affine_relu(xs, &scale, &shift),
+            (None, None) => {
+                candle_core::bail!("normalisation has neither batch statistics nor an eval-mode affine form")
+            }
+        }
+    }
+
+    /// In training mode, the BN that normalises this batch: the single one, or MixBN's half
+    /// that the batch's known type selects.
+    fn training_bn(&self, ctx: &NormCtx) -> Option<&BatchNorm> {
+        match (self, ctx.mode) {
+            (Self::Single(bn), Mode::Train(_)) => Some(bn),
+            (Self::Mix { clean, .. }, Mode::Train(BatchType::Clean)) => Some(clean),
+            (Self::Mix { adv, .. }, Mode::Train(BatchType::Adversarial)) => Some(adv),
+            (_, Mode::Eval) => None,
         }
     }
 }
