@@ -379,6 +379,20 @@ fn with_cols<T: WithDType, R>(n: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
     r
 }
 
+/// `n` zeros. A batch's buffer is zeroed by rayon's pool, in pieces: a memset of a batch's
+/// activations on the calling thread alone, while the pool waits for it, was a tenth of a
+/// PGD step on a batch.
+pub(crate) fn zeros<T: WithDType>(n: usize) -> Vec<T> {
+    if n < PAR_MIN {
+        return vec![T::zero(); n];
+    }
+    (0..n).into_par_iter().map(|_| T::zero()).collect()
+}
+
+/// Values below which an elementwise pass stays on the calling thread (a one-image attack's
+/// largest map, 32 x 28 x 28, is under it; a batch's are far above).
+pub(crate) const PAR_MIN: usize = 1 << 16;
+
 /// `f(t, chunk)` for every chunk `t` of `size` values, on rayon's pool; inline when there is only
 /// one, since handing a single task to the pool adds a thread wake-up (tens of microseconds, and
 /// erratic on a virtual machine) to every convolution of an attack on one image.
@@ -467,7 +481,7 @@ fn paired(g: &Geom) -> bool {
 
 fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     let (kd, hwo) = (g.kdim(), g.hw_out());
-    let mut out = vec![T::zero(); g.b * g.c_out * hwo];
+    let mut out = zeros(g.b * g.c_out * hwo);
     if paired(g) {
         with_cols(kd * hwo, |cols: &mut [T]| forward_pair(g, x, w, &mut out, cols));
         return out;
@@ -530,7 +544,7 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
 /// `dx` from the output gradient `dy` `[b, c_out, h_out, w_out]` and the weight.
 fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
     let (kd, hwo) = (g.kdim(), g.hw_out());
-    let mut dx = vec![T::zero(); g.b * g.c_in * g.hw()];
+    let mut dx = zeros(g.b * g.c_in * g.hw());
     if paired(g) {
         with_cols(kd * hwo, |cols: &mut [T]| input_grad_pair(g, dy, w, &mut dx, cols));
         return dx;

@@ -20,7 +20,7 @@ use std::ops::Range;
 use candle_core::{DType, Result, Tensor, bail};
 use rayon::prelude::*;
 
-use super::conv::{forward_slices, input_grad_slices};
+use super::conv::{PAR_MIN, forward_slices, input_grad_slices, zeros};
 use super::layers::{Conv2d, Linear};
 use super::norm::Norm;
 use super::pair;
@@ -55,9 +55,14 @@ impl PConv {
         let (mut y, d) = forward_slices(x, x_dims, &self.w, self.w_dims, self.stride, self.pad)?;
         if let Some(bias) = &self.bias {
             let hw = d[2] * d[3];
-            for (p, plane) in y.chunks_mut(hw).enumerate() {
+            let add = |(p, plane): (usize, &mut [f32])| {
                 let b = bias[p % d[1]];
                 plane.iter_mut().for_each(|v| *v += b);
+            };
+            if y.len() < PAR_MIN {
+                y.chunks_mut(hw).enumerate().for_each(add);
+            } else {
+                y.par_chunks_mut(hw).enumerate().for_each(add);
             }
         }
         Ok((y, d))
@@ -246,8 +251,8 @@ impl PlainSmallCnn {
             let (mut hcur, mut dims) = (x.to_vec(), x_dims);
             for conv in &r.convs {
                 let (pre, d) = conv.forward(&hcur, dims)?;
-                tape.router.push((dims, pre.clone()));
-                hcur = pre.into_iter().map(|v| v.max(0.0)).collect();
+                hcur = relu(&pre);
+                tape.router.push((dims, pre));
                 dims = d;
             }
             tape.feat = global_avg(&hcur, dims);
@@ -275,7 +280,7 @@ impl PlainSmallCnn {
             let (z, zd) = stage.conv.forward(input, dims)?;
             let (ch, hw) = (zd[1], zd[2] * zd[3]);
             let mut a = vec![0f32; b * ch];
-            let mut y = vec![0f32; z.len()];
+            let mut y = zeros(z.len());
             let sample = |bi: usize, (y, a): (&mut [f32], &mut [f32])| {
                 let p = tape.p_clean[bi];
                 for ci in 0..ch {
@@ -347,7 +352,7 @@ impl PlainSmallCnn {
         for (i, (stage, st)) in self.stages.iter().zip(&tape.stages).enumerate().rev() {
             let dy = if stage.pool { unpool(&dh, &st.y, st.z_dims) } else { dh };
             let (ch, hw) = (st.z_dims[1], st.z_dims[2] * st.z_dims[3]);
-            let mut dz = vec![0f32; st.z.len()];
+            let mut dz = zeros(st.z.len());
             // Per sample and range of channels: its part of dz (from the first channel of the
             // range), and its gradients of p_clean and of the signals.
             let sample = |bi: usize, chans: Range<usize>, dz: &mut [f32]| -> (f32, Vec<f32>) {
@@ -438,14 +443,23 @@ impl PlainSmallCnn {
             }
             let mut dcur = spread_avg(&dfeat, tape.router_out_dims);
             for (conv, (in_dims, pre)) in r.convs.iter().zip(&tape.router).rev() {
-                for (d, &v) in dcur.iter_mut().zip(pre) {
+                let gate = |(d, &v): (&mut f32, &f32)| {
                     if v < 0.0 {
                         *d = 0.0;
                     }
+                };
+                if dcur.len() < PAR_MIN {
+                    dcur.iter_mut().zip(pre).for_each(gate);
+                } else {
+                    dcur.par_iter_mut().zip(pre).for_each(gate);
                 }
                 dcur = conv.input_grad(&dcur, *in_dims)?;
             }
-            dx.iter_mut().zip(&dcur).for_each(|(a, b)| *a += b);
+            if dx.len() < PAR_MIN {
+                dx.iter_mut().zip(&dcur).for_each(|(a, b)| *a += b);
+            } else {
+                dx.par_iter_mut().zip(&dcur).for_each(|(a, b)| *a += b);
+            }
         }
         debug_assert_eq!(dx.len(), tape.x_dims.iter().product::<usize>());
         Ok((out, dx))
@@ -505,22 +519,41 @@ fn global_avg(x: &[f32], d: [usize; 4]) -> Vec<f32> {
 /// The gradient of [`global_avg`]: each of `[b, c]` spread evenly over its plane.
 fn spread_avg(dg: &[f32], d: [usize; 4]) -> Vec<f32> {
     let hw = d[2] * d[3];
-    dg.iter()
-        .flat_map(|&g| std::iter::repeat_n(g / hw as f32, hw))
-        .collect()
+    let mut out = zeros(dg.len() * hw);
+    let fill = |(plane, &g): (&mut [f32], &f32)| plane.fill(g / hw as f32);
+    if out.len() < PAR_MIN {
+        out.chunks_mut(hw).zip(dg).for_each(fill);
+    } else {
+        out.par_chunks_mut(hw).zip(dg).for_each(fill);
+    }
+    out
+}
+
+/// `max(v, 0)`, elementwise.
+fn relu(v: &[f32]) -> Vec<f32> {
+    if v.len() < PAR_MIN {
+        v.iter().map(|v| v.max(0.0)).collect()
+    } else {
+        v.par_iter().map(|v| v.max(0.0)).collect()
+    }
 }
 
 fn max_pool(x: &[f32], d: [usize; 4]) -> (Vec<f32>, [usize; 4]) {
     let (h, w) = (d[2], d[3]);
     let (ho, wo) = (h / 2, w / 2);
-    let mut y = Vec::with_capacity(d[0] * d[1] * ho * wo);
-    for plane in x.chunks(h * w) {
-        for i in 0..ho {
+    let mut y = zeros(d[0] * d[1] * ho * wo);
+    let pool = |(y, plane): (&mut [f32], &[f32])| {
+        for (i, y) in y.chunks_mut(wo).enumerate() {
             let (r0, r1) = (&plane[2 * i * w..], &plane[(2 * i + 1) * w..]);
-            for j in 0..wo {
-                y.push(r0[2 * j].max(r0[2 * j + 1]).max(r1[2 * j]).max(r1[2 * j + 1]));
+            for (j, y) in y.iter_mut().enumerate() {
+                *y = r0[2 * j].max(r0[2 * j + 1]).max(r1[2 * j]).max(r1[2 * j + 1]);
             }
         }
+    };
+    if x.len() < PAR_MIN {
+        y.chunks_mut(ho * wo).zip(x.chunks(h * w)).for_each(pool);
+    } else {
+        y.par_chunks_mut(ho * wo).zip(x.par_chunks(h * w)).for_each(pool);
     }
     (y, [d[0], d[1], ho, wo])
 }
@@ -528,8 +561,15 @@ fn max_pool(x: &[f32], d: [usize; 4]) -> (Vec<f32>, [usize; 4]) {
 /// The gradient of [`max_pool`]: each value to the first maximum of its window in `x`.
 fn unpool(dy: &[f32], x: &[f32], d: [usize; 4]) -> Vec<f32> {
     let (h, w, planes) = (d[2], d[3], d[0] * d[1]);
-    let mut dx = vec![0f32; x.len()];
-    if d[0] == 1 && planes >= 2 && pair::available() {
+    let mut dx = zeros(x.len());
+    if d[0] > 1 && x.len() >= PAR_MIN {
+        // A batch: planes on rayon's pool.
+        let (hw, hw_out) = (h * w, (h / 2) * (w / 2));
+        dx.par_chunks_mut(hw)
+            .zip(x.par_chunks(hw))
+            .zip(dy.par_chunks(hw_out))
+            .for_each(|((dx, x), dy)| unpool_planes(dy, x, h, w, dx));
+    } else if d[0] == 1 && planes >= 2 && pair::available() {
         let half = planes / 2;
         pair::halves(&mut dx, half * h * w, |t, dx| {
             let p = if t == 0 { 0 } else { half };
