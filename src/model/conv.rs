@@ -594,12 +594,17 @@ fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
 }
 
 /// `dw` `[c_out, c_in, k, k]` from the output gradient and the input, summed over the batch.
+///
+/// Each task sums `dw^T = cols dy^T` (`[kd, c_out]`), transposed once at the end: gemm ran the
+/// product the other way round, `dy cols^T`, at a quarter of the speed on ResNet-18's first stage
+/// (`c_out` 64, `kd` 576, 1,024 columns: 42-51 against 157 GFLOP/s on one core), at 75-95% of
+/// it on every other shape measured.
 fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
     let (kd, hwo) = (g.kdim(), g.hw_out());
     let n_g = group(g);
     let c = chunk(g.b, n_g);
     let partial = |t: usize| {
-        let mut dw = vec![T::zero(); g.c_out * kd];
+        let mut dw_t = vec![T::zero(); kd * g.c_out];
         let cols_len = if g.is_pointwise() { 0 } else { kd * hwo * n_g };
         let samples = t * c..((t + 1) * c).min(g.b);
         with_cols(cols_len, |buf: &mut [T]| {
@@ -617,16 +622,17 @@ fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
                     buf
                 };
                 let mut product = |dy: &[T]| {
-                    // SAFETY: dy is [c_out, ld], cols^T [ld, kd], dw [c_out, kd].
+                    // SAFETY: cols is [kd, ld], dy^T [ld, c_out] (dy [c_out, ld] read with
+                    // swapped strides), dw_t [kd, c_out].
                     unsafe {
                         matmul(
-                            g.c_out,
                             kd,
+                            g.c_out,
                             ld,
-                            &mut dw,
+                            &mut dw_t,
                             j > 0,
-                            Mat::rows(dy.as_ptr(), ld),
-                            Mat::transposed(cols.as_ptr(), ld),
+                            Mat::rows(cols.as_ptr(), ld),
+                            Mat::transposed(dy.as_ptr(), ld),
                         )
                     }
                 };
@@ -640,20 +646,28 @@ fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
                 }
             }
         });
-        dw
+        dw_t
     };
     let tasks = g.b.div_ceil(c);
-    if tasks == 1 {
-        return partial(0);
+    let dw_t = if tasks == 1 {
+        partial(0)
+    } else {
+        (0..tasks)
+            .into_par_iter()
+            .map(partial)
+            .reduce_with(|mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += *b);
+                a
+            })
+            .unwrap_or_else(|| vec![T::zero(); kd * g.c_out])
+    };
+    let mut dw = vec![T::zero(); g.c_out * kd];
+    for (i, row) in dw_t.chunks_exact(g.c_out).enumerate() {
+        for (o, &v) in row.iter().enumerate() {
+            dw[o * kd + i] = v;
+        }
     }
-    (0..tasks)
-        .into_par_iter()
-        .map(partial)
-        .reduce_with(|mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(a, b)| *a += *b);
-            a
-        })
-        .unwrap_or_else(|| vec![T::zero(); g.c_out * kd])
+    dw
 }
 
 /// `conv(x, w)` over plain slices, for code that keeps its own buffers: `x` `[b, c_in, h, w]`
