@@ -159,6 +159,13 @@ pub struct TrainArgs {
     /// Base width of the backbone.
     #[arg(long)]
     pub width: Option<usize>,
+    /// AW-Net: output channels of the router's three convolutions, as 16,32,64 (the default).
+    #[arg(long, value_name = "C1,C2,C3")]
+    pub router_channels: Option<String>,
+    /// AW-Net: the signal range, omega = S * sigmoid(z) in (0, S); 2 (the default) starts every
+    /// signal at 1.
+    #[arg(long, value_name = "S")]
+    pub signal_scale: Option<f64>,
     /// Images at the end of the train split kept out of training for the per-epoch metrics.
     #[arg(long, default_value_t = 5000)]
     pub holdout: usize,

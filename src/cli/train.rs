@@ -6,6 +6,7 @@ use anyhow::{Context, Result, bail};
 
 use super::{TrainArgs, emit};
 use crate::data::Augment;
+use crate::model::{ModelKind, RouterConfig};
 use crate::observe::{Observer, Outcome, Progress, StopFlag};
 use crate::train::{self, Schedule, TrainConfig, TrainEvent, TrainObserver};
 
@@ -135,6 +136,30 @@ fn schedule(s: &str) -> Result<Schedule> {
     })
 }
 
+/// The router settings the command line asks for, the defaults filled in; `None` when it asks
+/// for none.
+fn router_config(a: &TrainArgs) -> Result<Option<RouterConfig>> {
+    if a.router_channels.is_none() && a.signal_scale.is_none() {
+        return Ok(None);
+    }
+    let mut r = RouterConfig::default();
+    if let Some(list) = &a.router_channels {
+        let c = list
+            .split(',')
+            .map(|c| c.trim().parse::<usize>())
+            .collect::<Result<Vec<_>, _>>()
+            .ok()
+            .and_then(|c| <[usize; 3]>::try_from(c).ok())
+            .with_context(|| format!("--router-channels wants three channel counts, as 16,32,64; got '{list}'"))?;
+        r.channels = c;
+    }
+    if let Some(s) = a.signal_scale {
+        r.signal_scale = s;
+    }
+    r.check().map_err(anyhow::Error::msg)?;
+    Ok(Some(r))
+}
+
 pub fn run(a: &TrainArgs) -> Result<()> {
     let mut prepared = if a.resume {
         let mut p = train::setup::resume_run(&a.out, Some(a.epochs))?;
@@ -170,7 +195,11 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         }
         c.teacher_clean = a.teacher_clean.as_ref().map(|p| p.display().to_string());
         c.teacher_robust = a.teacher_robust.as_ref().map(|p| p.display().to_string());
-        train::setup::new_run(c, a.arch, a.width, &a.out)?
+        let router = router_config(a)?;
+        if router.is_some() && c.method.model_kind() != ModelKind::Awnet {
+            bail!("--router-channels and --signal-scale apply to AW-Net only (--method awnet or awnet-free)");
+        }
+        train::setup::new_run(c, a.arch, a.width, router, &a.out)?
     };
     eprintln!("data: {}", prepared.data_description);
     let stop = StopFlag::default();

@@ -252,7 +252,7 @@ impl TrainWorker {
             let out = request.out().to_path_buf();
             let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 let mut prepared = match request {
-                    TrainRequest::New { config, arch, out } => train::setup::new_run(*config, arch, None, &out),
+                    TrainRequest::New { config, arch, out } => train::setup::new_run(*config, arch, None, None, &out),
                     TrainRequest::Resume { out, epochs } => train::setup::resume_run(&out, epochs),
                 }?;
                 prepared.train(&mut obs)

@@ -31,6 +31,25 @@ impl Default for RouterConfig {
     }
 }
 
+impl RouterConfig {
+    /// Why these settings cannot make a router, if they cannot.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.channels.contains(&0) || self.type_hidden == 0 {
+            return Err(format!(
+                "router channels {:?} and type-head width {} must all be above 0",
+                self.channels, self.type_hidden
+            ));
+        }
+        if !(self.signal_scale.is_finite() && self.signal_scale > 0.0) {
+            return Err(format!(
+                "the signal scale must be a positive number, not {}",
+                self.signal_scale
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// What the router computes for a batch.
 pub struct RouterOutput {
     /// `[b, 2]`: (clean, adversarial) logits of the type head.
@@ -51,6 +70,7 @@ pub struct Router {
 impl Router {
     /// `signal_sizes[j]` is the number of filters that block `j`'s signal scales.
     pub fn new(config: &RouterConfig, in_channels: usize, signal_sizes: &[usize], vb: VarBuilder) -> Result<Self> {
+        config.check().map_err(candle_core::Error::Msg)?;
         let [c1, c2, c3] = config.channels;
         let vf = vb.pp("features");
         let features = vec![

@@ -7,7 +7,7 @@ use candle_core::{DType, Device};
 
 use super::{EpochReport, Result, Run, TrainConfig, TrainError, TrainObserver, split_holdout, train};
 use crate::data::{self, Dataset, Split};
-use crate::model::{Arch, Model, ModelConfig, Network, TrainingState, checkpoint};
+use crate::model::{Arch, Model, ModelConfig, Network, RouterConfig, TrainingState, checkpoint};
 use crate::observe::Outcome;
 
 /// A run ready to start: call [`Prepared::train`].
@@ -26,7 +26,15 @@ pub struct Prepared {
 
 /// A new run of `config` on a freshly initialised `arch` (base width `width`, or its default),
 /// shaped by the dataset's images and classes.
-pub fn new_run(config: TrainConfig, arch: Arch, width: Option<usize>, out: &Path) -> Result<Prepared> {
+/// A new run of `config` on a fresh model; `width` and `router` replace the architecture's
+/// defaults where given.
+pub fn new_run(
+    config: TrainConfig,
+    arch: Arch,
+    width: Option<usize>,
+    router: Option<RouterConfig>,
+    out: &Path,
+) -> Result<Prepared> {
     let ds = data::load(&config.data, Split::Test, None)?;
     let mut mc = ModelConfig::new(
         arch,
@@ -38,6 +46,9 @@ pub fn new_run(config: TrainConfig, arch: Arch, width: Option<usize>, out: &Path
     mc.class_names = ds.class_names.clone();
     if let Some(w) = width {
         mc.width = w;
+    }
+    if let Some(r) = router {
+        mc.router = r;
     }
     let model = Model::new(mc, config.seed, DType::F32, &Device::Cpu)?;
     prepare(model, config, None, out)

@@ -382,6 +382,46 @@ fn train_writes_a_model_and_a_log_and_resumes() {
     assert_eq!(info["log_summary"].as_array().unwrap().len(), 2);
     let out = run(&["--method", "awnet", "--epochs", "1"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("teacher"));
+
+    // The router's size and signal range come from the command line and stay with the model.
+    let aw = dir.path().join("aw.safetensors");
+    let aw_run = |extra: &[&str]| {
+        let mut args = vec!["train", "--epochs", "1"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&common[..2]);
+        args.extend_from_slice(&["--out", aw.to_str().unwrap()]);
+        args.extend_from_slice(&common[6..]);
+        awnet(&args)
+    };
+    for (extra, says) in [
+        (
+            &["--method", "standard", "--router-channels", "4,6,8"][..],
+            "AW-Net only",
+        ),
+        (
+            &["--method", "awnet-free", "--router-channels", "4,6"][..],
+            "three channel counts",
+        ),
+        (&["--method", "awnet-free", "--router-channels", "4,0,8"][..], "above 0"),
+        (&["--method", "awnet-free", "--signal-scale=-1"][..], "positive number"),
+    ] {
+        let out = aw_run(extra);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{extra:?}: {err}");
+        assert!(!aw.exists());
+    }
+    ok_stdout(&aw_run(&[
+        "--method",
+        "awnet-free",
+        "--router-channels",
+        "4,6,8",
+        "--signal-scale",
+        "1.5",
+    ]));
+    let info: serde_json::Value =
+        serde_json::from_str(&ok_stdout(&awnet(&["info", aw.to_str().unwrap(), "--json"]))).unwrap();
+    assert_eq!(info["config"]["router"]["channels"], serde_json::json!([4, 6, 8]));
+    assert_eq!(info["config"]["router"]["signal_scale"], 1.5);
 }
 
 /// `awnet figures` on the bundled model and a fresh AW-Net writes every file its manifest lists:
