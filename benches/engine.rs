@@ -5,7 +5,9 @@
 //! inference; a standard training step; a PGD-10 adversarial training step (PGD-AT); an AW-Net
 //! distillation step with two teachers; one PGD-20 attack on one image (latency); PGD-20 on
 //! 1,000 images; peak memory. Each number is the median of several timed runs after a warm-up.
-//! Set AWNET_BENCH_PYTHON to the Python that has PyTorch (default `python3`).
+//! Set AWNET_BENCH_PYTHON to the Python that has PyTorch (default `python3`),
+//! AWNET_BENCH_ONLY=key,key to run some workloads only, and AWNET_BENCH_ROUNDS=n to alternate n
+//! rounds of both engines (medians over the rounds, each ratio taken within its round).
 
 use std::process::Command;
 use std::time::Instant;
@@ -72,218 +74,232 @@ fn main() {
     let ys: Vec<u32> = batch.iter().map(|&i| u32::from(ds.labels[i])).collect();
     let stat = model(ModelKind::Static, 0);
     let aw = model(ModelKind::Awnet, 0);
-    let mut rows = Vec::new();
-    // AWNET_BENCH_ONLY=key,key runs only those workloads (keys as in the PyTorch reference).
-    let only = std::env::var("AWNET_BENCH_ONLY").ok();
-    let want = |key: &str| only.as_deref().is_none_or(|o| o.split(',').any(|k| k == key));
+    // One round: every wanted workload once (each the median of its timed runs).
+    let measure = || {
+        let mut rows = Vec::new();
+        // AWNET_BENCH_ONLY=key,key runs only those workloads (keys as in the PyTorch reference).
+        let only = std::env::var("AWNET_BENCH_ONLY").ok();
+        let want = |key: &str| only.as_deref().is_none_or(|o| o.split(',').any(|k| k == key));
 
-    for (key, what, m) in [
-        ("infer_static", "inference, static small CNN", &stat),
-        ("infer_awnet", "inference, AW-Net small CNN", &aw),
-    ] {
-        if !want(key) {
-            continue;
-        }
-        let net = m.frozen().unwrap();
-        let s = time(2, 7, || {
-            attack::predict(&net, &xs).unwrap();
-        });
-        rows.push(Row {
-            key,
-            what,
-            unit: "img/s",
-            value: 128.0 / s,
-        });
-    }
-
-    let held = &ds;
-    let teacher_a = model(ModelKind::Static, 1).frozen().unwrap();
-    let teacher_b = model(ModelKind::Static, 2).frozen().unwrap();
-    for (key, what, method, runs) in [
-        (
-            "train_standard",
-            "training step, standard (static)",
-            Method::Standard,
-            7,
-        ),
-        (
-            "train_pgd_at",
-            "PGD-10 adversarial training step (PGD-AT, static)",
-            Method::PgdAt,
-            3,
-        ),
-        (
-            "train_awnet",
-            "AW-Net distillation step, PGD-10, two teachers",
-            Method::Awnet,
-            3,
-        ),
-    ] {
-        if !want(key) {
-            continue;
-        }
-        let m = model(method.model_kind(), 3);
-        let mut cfg = TrainConfig::new(method, "bench", 1, 0.1);
-        cfg.teacher_clean = Some("a".into());
-        cfg.teacher_robust = Some("b".into());
-        let run = Run {
-            config: cfg,
-            train: held,
-            monitor: held,
-            teachers: Some((&teacher_a, &teacher_b)),
-            out: "unused".into(),
-        };
-        let mut state = RunState {
-            w_adv: 0.5,
-            ..RunState::default()
-        };
-        let mut opt = Optimizer::new(&m, run.config.optimizer, 0.9, 5e-4);
-        let s = time(1, runs, || {
-            train::step(&m, &run, &mut state, &mut opt, &xs, &ys, 0.05, 0).unwrap();
-        });
-        rows.push(Row {
-            key,
-            what,
-            unit: "img/s",
-            value: 128.0 / s,
-        });
-    }
-
-    // One convolution alone, the small CNN's 32 -> 64 channel 3x3 layer on 14x14 maps, batch 128:
-    // 0.925 GFLOP forward; the input gradient and the weight gradient cost the same again each.
-    if want("conv_gflops") {
-        let x = candle_core::Tensor::randn(0f32, 1.0, (128, 32, 14, 14), &dev).unwrap();
-        let w = candle_core::Tensor::randn(0f32, 0.1, (64, 32, 3, 3), &dev).unwrap();
-        let flop = 2.0 * 128.0 * 64.0 * 14.0 * 14.0 * 32.0 * 9.0;
-        let fwd = time(2, 9, || {
-            conv::conv2d(&x, &w, 1, 1).unwrap();
-        });
-        let xv = candle_core::Var::from_tensor(&x).unwrap();
-        let wv = candle_core::Var::from_tensor(&w).unwrap();
-        let both = time(2, 9, || {
-            let y = conv::conv2d(xv.as_tensor(), wv.as_tensor(), 1, 1).unwrap();
-            y.sum_all().unwrap().backward().unwrap();
-        });
-        rows.push(Row {
-            key: "conv_fwd_gflops",
-            what: "conv 32->64 3x3 on 14x14, batch 128: forward",
-            unit: "GFLOP/s",
-            value: flop / fwd / 1e9,
-        });
-        rows.push(Row {
-            key: "conv_fwd_bwd_gflops",
-            what: "  the same, forward + both gradients",
-            unit: "GFLOP/s",
-            value: 3.0 * flop / both / 1e9,
-        });
-    }
-
-    // ResNet-18 (the paper's CIFAR backbone, width 64) on 3x32x32 inputs: the same images padded
-    // by 2 pixels and repeated over three channels; batch 32.
-    let xr = xs
-        .narrow(0, 0, 32)
-        .and_then(|x| x.pad_with_zeros(2, 2, 2))
-        .and_then(|x| x.pad_with_zeros(3, 2, 2))
-        .and_then(|x| x.repeat((1, 3, 1, 1)))
-        .unwrap();
-    let resnet = || {
-        let c = ModelConfig::new(Arch::Resnet18, ModelKind::Static, 3, 32, 10);
-        Model::new(c, 4, DType::F32, &Device::Cpu).expect("ResNet-18 builds")
-    };
-    if want("resnet18_infer") {
-        let net = resnet().frozen().unwrap();
-        let s = time(1, 5, || {
-            attack::predict(&net, &xr).unwrap();
-        });
-        rows.push(Row {
-            key: "resnet18_infer",
-            what: "inference, ResNet-18 (3x32x32, batch 32)",
-            unit: "img/s",
-            value: 32.0 / s,
-        });
-    }
-    for (key, what, method, runs) in [
-        (
-            "resnet18_train_standard",
-            "training step, ResNet-18 (batch 32)",
-            Method::Standard,
-            3,
-        ),
-        (
-            "resnet18_train_pgd_at",
-            "PGD-10 adversarial training step, ResNet-18 (batch 32)",
-            Method::PgdAt,
-            2,
-        ),
-    ] {
-        if !want(key) {
-            continue;
-        }
-        let m = resnet();
-        let run = Run {
-            config: TrainConfig::new(method, "bench", 1, 8.0 / 255.0),
-            train: held,
-            monitor: held,
-            teachers: None,
-            out: "unused".into(),
-        };
-        let mut state = RunState::default();
-        let mut opt = Optimizer::new(&m, run.config.optimizer, 0.9, 5e-4);
-        let s = time(1, runs, || {
-            train::step(&m, &run, &mut state, &mut opt, &xr, &ys[..32], 0.05, 0).unwrap();
-        });
-        rows.push(Row {
-            key,
-            what,
-            unit: "img/s",
-            value: 32.0 / s,
-        });
-    }
-
-    let net = aw.frozen().unwrap();
-    let one = xs.narrow(0, 0, 1).unwrap();
-    let mut pgd20 = AttackConfig::new(AttackKind::Pgd, 0.1);
-    pgd20.steps = Some(20);
-    if want("pgd20_one_image_ms") {
-        let s = time(2, 11, || {
-            let _ = attack::run(&net, &one, &ys[..1], &pgd20, &|| false).unwrap();
-        });
-        rows.push(Row {
-            key: "pgd20_one_image_ms",
-            what: "PGD-20 on one image, AW-Net (latency)",
-            unit: "ms",
-            value: 1000.0 * s,
-        });
-    }
-
-    if want("pgd20_eval_1000_s") {
-        let all: Vec<usize> = (0..1000).collect();
-        let labels: Vec<u32> = all.iter().map(|&i| u32::from(ds.labels[i])).collect();
-        let s = time(0, 1, || {
-            for chunk in all.chunks(128) {
-                let x = ds.images_tensor(chunk, &dev).unwrap();
-                let y = &labels[chunk[0]..chunk[0] + chunk.len()];
-                let Outcome::Done(r) = attack::run(&net, &x, y, &pgd20, &|| false).unwrap() else {
-                    unreachable!()
-                };
-                attack::predict(&net, &r.adv).unwrap();
+        for (key, what, m) in [
+            ("infer_static", "inference, static small CNN", &stat),
+            ("infer_awnet", "inference, AW-Net small CNN", &aw),
+        ] {
+            if !want(key) {
+                continue;
             }
-        });
-        rows.push(Row {
-            key: "pgd20_eval_1000_s",
-            what: "PGD-20 on 1,000 images, AW-Net (all attacked)",
-            unit: "s",
-            value: s,
-        });
-    }
-    rows.push(Row {
-        key: "peak_rss_mib",
-        what: "peak memory (resident)",
-        unit: "MiB",
-        value: peak_rss_mib(),
-    });
+            let net = m.frozen().unwrap();
+            let s = time(2, 7, || {
+                attack::predict(&net, &xs).unwrap();
+            });
+            rows.push(Row {
+                key,
+                what,
+                unit: "img/s",
+                value: 128.0 / s,
+            });
+        }
 
-    let reference = pytorch_reference();
+        let held = &ds;
+        let teacher_a = model(ModelKind::Static, 1).frozen().unwrap();
+        let teacher_b = model(ModelKind::Static, 2).frozen().unwrap();
+        for (key, what, method, runs) in [
+            (
+                "train_standard",
+                "training step, standard (static)",
+                Method::Standard,
+                7,
+            ),
+            (
+                "train_pgd_at",
+                "PGD-10 adversarial training step (PGD-AT, static)",
+                Method::PgdAt,
+                3,
+            ),
+            (
+                "train_awnet",
+                "AW-Net distillation step, PGD-10, two teachers",
+                Method::Awnet,
+                3,
+            ),
+        ] {
+            if !want(key) {
+                continue;
+            }
+            let m = model(method.model_kind(), 3);
+            let mut cfg = TrainConfig::new(method, "bench", 1, 0.1);
+            cfg.teacher_clean = Some("a".into());
+            cfg.teacher_robust = Some("b".into());
+            let run = Run {
+                config: cfg,
+                train: held,
+                monitor: held,
+                teachers: Some((&teacher_a, &teacher_b)),
+                out: "unused".into(),
+            };
+            let mut state = RunState {
+                w_adv: 0.5,
+                ..RunState::default()
+            };
+            let mut opt = Optimizer::new(&m, run.config.optimizer, 0.9, 5e-4);
+            let s = time(1, runs, || {
+                train::step(&m, &run, &mut state, &mut opt, &xs, &ys, 0.05, 0).unwrap();
+            });
+            rows.push(Row {
+                key,
+                what,
+                unit: "img/s",
+                value: 128.0 / s,
+            });
+        }
+
+        // One convolution alone, the small CNN's 32 -> 64 channel 3x3 layer on 14x14 maps, batch 128:
+        // 0.925 GFLOP forward; the input gradient and the weight gradient cost the same again each.
+        if want("conv_gflops") {
+            let x = candle_core::Tensor::randn(0f32, 1.0, (128, 32, 14, 14), &dev).unwrap();
+            let w = candle_core::Tensor::randn(0f32, 0.1, (64, 32, 3, 3), &dev).unwrap();
+            let flop = 2.0 * 128.0 * 64.0 * 14.0 * 14.0 * 32.0 * 9.0;
+            let fwd = time(2, 9, || {
+                conv::conv2d(&x, &w, 1, 1).unwrap();
+            });
+            let xv = candle_core::Var::from_tensor(&x).unwrap();
+            let wv = candle_core::Var::from_tensor(&w).unwrap();
+            let both = time(2, 9, || {
+                let y = conv::conv2d(xv.as_tensor(), wv.as_tensor(), 1, 1).unwrap();
+                y.sum_all().unwrap().backward().unwrap();
+            });
+            rows.push(Row {
+                key: "conv_fwd_gflops",
+                what: "conv 32->64 3x3 on 14x14, batch 128: forward",
+                unit: "GFLOP/s",
+                value: flop / fwd / 1e9,
+            });
+            rows.push(Row {
+                key: "conv_fwd_bwd_gflops",
+                what: "  the same, forward + both gradients",
+                unit: "GFLOP/s",
+                value: 3.0 * flop / both / 1e9,
+            });
+        }
+
+        // ResNet-18 (the paper's CIFAR backbone, width 64) on 3x32x32 inputs: the same images padded
+        // by 2 pixels and repeated over three channels; batch 32.
+        let xr = xs
+            .narrow(0, 0, 32)
+            .and_then(|x| x.pad_with_zeros(2, 2, 2))
+            .and_then(|x| x.pad_with_zeros(3, 2, 2))
+            .and_then(|x| x.repeat((1, 3, 1, 1)))
+            .unwrap();
+        let resnet = || {
+            let c = ModelConfig::new(Arch::Resnet18, ModelKind::Static, 3, 32, 10);
+            Model::new(c, 4, DType::F32, &Device::Cpu).expect("ResNet-18 builds")
+        };
+        if want("resnet18_infer") {
+            let net = resnet().frozen().unwrap();
+            let s = time(1, 5, || {
+                attack::predict(&net, &xr).unwrap();
+            });
+            rows.push(Row {
+                key: "resnet18_infer",
+                what: "inference, ResNet-18 (3x32x32, batch 32)",
+                unit: "img/s",
+                value: 32.0 / s,
+            });
+        }
+        for (key, what, method, runs) in [
+            (
+                "resnet18_train_standard",
+                "training step, ResNet-18 (batch 32)",
+                Method::Standard,
+                3,
+            ),
+            (
+                "resnet18_train_pgd_at",
+                "PGD-10 adversarial training step, ResNet-18 (batch 32)",
+                Method::PgdAt,
+                2,
+            ),
+        ] {
+            if !want(key) {
+                continue;
+            }
+            let m = resnet();
+            let run = Run {
+                config: TrainConfig::new(method, "bench", 1, 8.0 / 255.0),
+                train: held,
+                monitor: held,
+                teachers: None,
+                out: "unused".into(),
+            };
+            let mut state = RunState::default();
+            let mut opt = Optimizer::new(&m, run.config.optimizer, 0.9, 5e-4);
+            let s = time(1, runs, || {
+                train::step(&m, &run, &mut state, &mut opt, &xr, &ys[..32], 0.05, 0).unwrap();
+            });
+            rows.push(Row {
+                key,
+                what,
+                unit: "img/s",
+                value: 32.0 / s,
+            });
+        }
+
+        let net = aw.frozen().unwrap();
+        let one = xs.narrow(0, 0, 1).unwrap();
+        let mut pgd20 = AttackConfig::new(AttackKind::Pgd, 0.1);
+        pgd20.steps = Some(20);
+        if want("pgd20_one_image_ms") {
+            let s = time(2, 11, || {
+                let _ = attack::run(&net, &one, &ys[..1], &pgd20, &|| false).unwrap();
+            });
+            rows.push(Row {
+                key: "pgd20_one_image_ms",
+                what: "PGD-20 on one image, AW-Net (latency)",
+                unit: "ms",
+                value: 1000.0 * s,
+            });
+        }
+
+        if want("pgd20_eval_1000_s") {
+            let all: Vec<usize> = (0..1000).collect();
+            let labels: Vec<u32> = all.iter().map(|&i| u32::from(ds.labels[i])).collect();
+            let s = time(0, 1, || {
+                for chunk in all.chunks(128) {
+                    let x = ds.images_tensor(chunk, &dev).unwrap();
+                    let y = &labels[chunk[0]..chunk[0] + chunk.len()];
+                    let Outcome::Done(r) = attack::run(&net, &x, y, &pgd20, &|| false).unwrap() else {
+                        unreachable!()
+                    };
+                    attack::predict(&net, &r.adv).unwrap();
+                }
+            });
+            rows.push(Row {
+                key: "pgd20_eval_1000_s",
+                what: "PGD-20 on 1,000 images, AW-Net (all attacked)",
+                unit: "s",
+                value: s,
+            });
+        }
+        rows.push(Row {
+            key: "peak_rss_mib",
+            what: "peak memory (resident)",
+            unit: "MiB",
+            value: peak_rss_mib(),
+        });
+        rows
+    };
+
+    // AWNET_BENCH_ROUNDS=n alternates n rounds of this engine and of PyTorch: the host's speed
+    // drifts over minutes, so each ratio is taken within a round, and the table shows medians
+    // over the rounds with the range of the ratios.
+    let n_rounds: usize = std::env::var("AWNET_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let rounds: Vec<(Vec<Row>, Option<serde_json::Value>)> =
+        (0..n_rounds).map(|_| (measure(), pytorch_reference())).collect();
+    let reference = rounds.iter().find_map(|(_, r)| r.clone());
     let threads = candle_core::utils::get_num_threads();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
@@ -299,24 +315,43 @@ fn main() {
         ),
         None => println!("PyTorch reference: not run (no PyTorch in AWNET_BENCH_PYTHON or python3)"),
     }
+    if n_rounds > 1 {
+        println!("{n_rounds} rounds; medians over them, the ratio's range in brackets");
+    }
     println!("{:<52} {:>12} {:>12} {:>8}", "workload", "candle", "PyTorch", "ratio");
-    for r in &rows {
-        let theirs = reference.as_ref().and_then(|v| v[r.key].as_f64());
-        let ratio = theirs.map(|t| {
-            if matches!(r.unit, "img/s" | "GFLOP/s") {
-                r.value / t
-            } else {
-                t / r.value
+    for (i, r) in rounds[0].0.iter().enumerate() {
+        let ours = median(rounds.iter().map(|(rows, _)| rows[i].value).collect());
+        let theirs: Vec<f64> = rounds.iter().filter_map(|(_, p)| p.as_ref()?[r.key].as_f64()).collect();
+        let ratios: Vec<f64> = rounds
+            .iter()
+            .filter_map(|(rows, p)| {
+                let (o, t) = (rows[i].value, p.as_ref()?[r.key].as_f64()?);
+                Some(if matches!(r.unit, "img/s" | "GFLOP/s") {
+                    o / t
+                } else {
+                    t / o
+                })
+            })
+            .collect();
+        let theirs = (!theirs.is_empty()).then(|| median(theirs));
+        let ratio = match ratios.len() {
+            0 => "-".to_string(),
+            1 => format!("{:.2}x", ratios[0]),
+            _ => {
+                let (lo, hi) = ratios
+                    .iter()
+                    .fold((f64::MAX, f64::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+                format!("{:.2}x [{lo:.2}-{hi:.2}]", median(ratios.clone()))
             }
-        });
+        };
         println!(
             "{:<52} {:>8.1} {:<3} {:>8} {:<3} {:>8}",
             r.what,
-            r.value,
+            ours,
             r.unit,
             theirs.map_or("-".into(), |t| format!("{t:.1}")),
             if theirs.is_some() { r.unit } else { "" },
-            ratio.map_or("-".into(), |x| format!("{x:.2}x"))
+            ratio
         );
     }
     println!("(ratio > 1: candle faster; peak memory is compared as PyTorch / candle)");
