@@ -659,19 +659,26 @@ fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
             }
         });
     };
-    // One sum per piece of work rayon splits off (about one per thread), not one per task.
-    let parts: Vec<Vec<T>> = (0..g.b.div_ceil(c))
-        .into_par_iter()
-        .fold(Vec::new, |mut dw_t: Vec<T>, t| {
-            let fresh = dw_t.is_empty();
-            if fresh {
-                dw_t = vec![T::zero(); kd * g.c_out];
-            }
-            partial(t, &mut dw_t, fresh);
-            dw_t
-        })
-        .filter(|p| !p.is_empty())
-        .collect();
+    let add = |mut dw_t: Vec<T>, t: usize| {
+        let fresh = dw_t.is_empty();
+        if fresh {
+            dw_t = vec![T::zero(); kd * g.c_out];
+        }
+        partial(t, &mut dw_t, fresh);
+        dw_t
+    };
+    let tasks = g.b.div_ceil(c);
+    let parts: Vec<Vec<T>> = if tasks == 1 {
+        // Handing one task to the pool would only add a thread wake-up.
+        vec![add(Vec::new(), 0)]
+    } else {
+        // One sum per piece of work rayon splits off (about one per thread), not one per task.
+        (0..tasks)
+            .into_par_iter()
+            .fold(Vec::new, &add)
+            .filter(|p| !p.is_empty())
+            .collect()
+    };
     sum_transposed(parts, kd, g.c_out)
 }
 
