@@ -95,8 +95,11 @@ impl Geom {
 
     /// For [`Self::is_same`]: per row `ki * k + kj` of the column matrix, `hw` flags, true where
     /// the entry reads inside the image, false where it reads padding (or, across a line's
-    /// end, the next line's start).
+    /// end, the next line's start). Empty for other convolutions.
     fn same_masks(&self) -> Vec<bool> {
+        if !self.is_same() {
+            return Vec::new();
+        }
         let hw = self.hw();
         let mut masks = vec![false; self.k * self.k * hw];
         for (r, mask) in masks.chunks_exact_mut(hw).enumerate() {
@@ -121,17 +124,17 @@ impl Geom {
 /// `cols[(ci, ki, kj), (oy, ox)] = x[ci, oy*s + ki - p, ox*s + kj - p]`, zero outside.
 #[cfg(test)]
 fn im2col<T: WithDType>(g: &Geom, x: &[T], cols: &mut [T]) {
-    im2col_chans(g, x, cols, 0..g.c_in, g.hw_out())
+    im2col_chans(g, &g.same_masks(), x, cols, 0..g.c_in, g.hw_out())
 }
 
 /// [`im2col`]'s rows of the input channels `chans` only, into `cols` starting at the first, each
 /// row `ld` values after the one before (`hw_out`, or more when several images share the matrix).
-fn im2col_chans<T: WithDType>(g: &Geom, x: &[T], cols: &mut [T], chans: Range<usize>, ld: usize) {
+/// `masks` is [`Geom::same_masks`], built once per convolution by the caller.
+fn im2col_chans<T: WithDType>(g: &Geom, masks: &[bool], x: &[T], cols: &mut [T], chans: Range<usize>, ld: usize) {
     let (k, s, p, wo, ho) = (g.k, g.stride, g.pad, g.w_out, g.h_out);
     let first = chans.start * k * k;
     if g.is_same() {
         let (hw, kk, margin) = (g.hw(), k * k, g.same_margin());
-        let masks = g.same_masks();
         // Each plane once into the middle of a zeroed buffer, so that every row is one
         // contiguous read at its offset, with the entries that read padding masked to zero:
         // no per-row arithmetic, which dominated on ResNet-18's 8x8 and 4x4 maps.
@@ -177,19 +180,18 @@ fn im2col_chans<T: WithDType>(g: &Geom, x: &[T], cols: &mut [T], chans: Range<us
 }
 
 /// The adjoint of `im2col`: adds every column entry onto the pixel it was read from, in `dx`,
-/// which the caller zeroes. `cols` is scratch: entries that read padding may be overwritten.
+/// which the caller zeroes.
 #[cfg(test)]
-fn col2im<T: WithDType>(g: &Geom, cols: &mut [T], dx: &mut [T]) {
-    col2im_chans(g, cols, dx, 0..g.c_in, g.hw_out())
+fn col2im<T: WithDType>(g: &Geom, cols: &[T], dx: &mut [T]) {
+    col2im_chans(g, &g.same_masks(), cols, dx, 0..g.c_in, g.hw_out())
 }
 
 /// [`col2im`] for the input channels `chans` only: their rows of the column matrix in `cols`
 /// (`ld` apart, as in [`im2col_chans`]), their planes in `dx`, each starting at the first.
-fn col2im_chans<T: WithDType>(g: &Geom, cols: &mut [T], dx: &mut [T], chans: Range<usize>, ld: usize) {
+fn col2im_chans<T: WithDType>(g: &Geom, masks: &[bool], cols: &[T], dx: &mut [T], chans: Range<usize>, ld: usize) {
     let (k, s, p, wo, ho) = (g.k, g.stride, g.pad, g.w_out, g.h_out);
     if g.is_same() {
         let (hw, kk, margin) = (g.hw(), k * k, g.same_margin());
-        let masks = g.same_masks();
         // The adjoint of `im2col_chans`'s padded plane: each row added at its offset into a
         // zeroed buffer (entries that read padding masked out), the middle then onto `dx`.
         let mut padded = vec![T::zero(); hw + 2 * margin];
@@ -418,7 +420,7 @@ fn each_chunk<T: Send>(v: &mut [T], size: usize, f: impl Fn(usize, &mut [T]) + S
 
 /// One image on two threads: the input channels' rows of the column matrix, then the output's
 /// columns, shared between the caller and [`pair`]'s helper.
-fn forward_pair<T: WithDType>(g: &Geom, x: &[T], w: &[T], out: &mut [T], cols: &mut [T]) {
+fn forward_pair<T: WithDType>(g: &Geom, masks: &[bool], x: &[T], w: &[T], out: &mut [T], cols: &mut [T]) {
     let (kd, hwo, kk) = (g.kdim(), g.hw_out(), g.k * g.k);
     let half = g.c_in / 2;
     {
@@ -428,7 +430,7 @@ fn forward_pair<T: WithDType>(g: &Geom, x: &[T], w: &[T], out: &mut [T], cols: &
             let part = parts[t].lock().ok().and_then(|mut p| p.take());
             if let Some(part) = part {
                 let chans = if t == 0 { 0..half } else { half..g.c_in };
-                im2col_chans(g, x, part, chans, hwo);
+                im2col_chans(g, masks, x, part, chans, hwo);
             }
         });
     }
@@ -456,7 +458,7 @@ fn forward_pair<T: WithDType>(g: &Geom, x: &[T], w: &[T], out: &mut [T], cols: &
 
 /// One image on two threads, each with half of the input channels: its rows of the column
 /// matrix (a product with half of `w^T`'s rows), then its planes of `dx`.
-fn input_grad_pair<T: WithDType>(g: &Geom, dy: &[T], w: &[T], dx: &mut [T], cols: &mut [T]) {
+fn input_grad_pair<T: WithDType>(g: &Geom, masks: &[bool], dy: &[T], w: &[T], dx: &mut [T], cols: &mut [T]) {
     let (kd, hwo, kk) = (g.kdim(), g.hw_out(), g.k * g.k);
     let half = g.c_in / 2;
     let (top, bottom) = cols.split_at_mut(half * kk * hwo);
@@ -481,7 +483,7 @@ fn input_grad_pair<T: WithDType>(g: &Geom, dy: &[T], w: &[T], dx: &mut [T], cols
                 Mat::rows(dy.as_ptr(), hwo),
             )
         };
-        col2im_chans(g, cols, dx, chans, hwo);
+        col2im_chans(g, masks, cols, dx, chans, hwo);
     });
 }
 
@@ -492,10 +494,11 @@ fn paired(g: &Geom) -> bool {
 }
 
 fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+    let masks = g.same_masks();
     let (kd, hwo) = (g.kdim(), g.hw_out());
     let mut out = zeros(g.b * g.c_out * hwo);
     if paired(g) {
-        with_cols(kd * hwo, |cols: &mut [T]| forward_pair(g, x, w, &mut out, cols));
+        with_cols(kd * hwo, |cols: &mut [T]| forward_pair(g, &masks, x, w, &mut out, cols));
         return out;
     }
     let n_g = group(g);
@@ -523,7 +526,7 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
                 }
                 let ld = n * hwo;
                 for (i, x) in x.chunks_exact(g.c_in * g.hw()).enumerate() {
-                    im2col_chans(g, x, &mut cols[i * hwo..], 0..g.c_in, ld);
+                    im2col_chans(g, &masks, x, &mut cols[i * hwo..], 0..g.c_in, ld);
                 }
                 let product = |dst: &mut [T]| {
                     // SAFETY: w is [c_out, kd], cols [kd, ld], dst [c_out, ld], all row-major.
@@ -555,10 +558,13 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
 
 /// `dx` from the output gradient `dy` `[b, c_out, h_out, w_out]` and the weight.
 fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
+    let masks = g.same_masks();
     let (kd, hwo) = (g.kdim(), g.hw_out());
     let mut dx = zeros(g.b * g.c_in * g.hw());
     if paired(g) {
-        with_cols(kd * hwo, |cols: &mut [T]| input_grad_pair(g, dy, w, &mut dx, cols));
+        with_cols(kd * hwo, |cols: &mut [T]| {
+            input_grad_pair(g, &masks, dy, w, &mut dx, cols)
+        });
         return dx;
     }
     let n_g = group(g);
@@ -597,7 +603,7 @@ fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
                     });
                 }
                 for (i, dx) in dx.chunks_exact_mut(g.c_in * g.hw()).enumerate() {
-                    col2im_chans(g, &mut cols[i * hwo..], dx, 0..g.c_in, ld);
+                    col2im_chans(g, &masks, &cols[i * hwo..], dx, 0..g.c_in, ld);
                 }
             }
         })
@@ -612,6 +618,7 @@ fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
 /// (`c_out` 64, `kd` 576, 1,024 columns: 42-51 against 157 GFLOP/s on one core), at 75-95% of
 /// it on every other shape measured.
 fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
+    let masks = g.same_masks();
     let (kd, hwo) = (g.kdim(), g.hw_out());
     let n_g = group(g);
     let c = chunk(g.b, n_g);
@@ -629,7 +636,7 @@ fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
                     x
                 } else {
                     for (i, x) in x.chunks_exact(g.c_in * g.hw()).enumerate() {
-                        im2col_chans(g, x, &mut buf[i * hwo..], 0..g.c_in, ld);
+                        im2col_chans(g, &masks, x, &mut buf[i * hwo..], 0..g.c_in, ld);
                     }
                     buf
                 };
@@ -1010,7 +1017,7 @@ mod tests {
             };
             let mut cols = vec![f64::NAN; g.kdim() * g.hw_out()];
             let mut y = vec![0.0; c_out * g.hw_out()];
-            forward_pair(&g, &x, &wt, &mut y, &mut cols);
+            forward_pair(&g, &g.same_masks(), &x, &wt, &mut y, &mut cols);
             let mut cols1 = vec![0.0; cols.len()];
             im2col(&g, &x, &mut cols1);
             let mut y1 = vec![0.0; y.len()];
@@ -1028,7 +1035,7 @@ mod tests {
             };
             close(&y, &y1, "forward");
             let mut dx = vec![0.0; c_in * h * w];
-            input_grad_pair(&g, &dy, &wt, &mut dx, &mut cols);
+            input_grad_pair(&g, &g.same_masks(), &dy, &wt, &mut dx, &mut cols);
             // The reference: the transposed product and col2im in one piece.
             unsafe {
                 matmul(
@@ -1042,7 +1049,7 @@ mod tests {
                 )
             };
             let mut dx1 = vec![0.0; dx.len()];
-            col2im(&g, &mut cols1, &mut dx1);
+            col2im(&g, &cols1, &mut dx1);
             close(&dx, &dx1, "input gradient");
         }
     }
