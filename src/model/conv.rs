@@ -1,7 +1,9 @@
 //! The project's own CPU convolution: im2col around the `gemm` crate, a few samples per task on
 //! rayon's pool (one product per image, or per group of images on small maps; one image's
 //! convolution split over two threads), with the input gradient and the weight gradient as
-//! separate kernels that the backward pass runs only for the arguments that need them.
+//! separate kernels that the backward pass runs only for the arguments that need them. A batch's
+//! 3x3 "same" convolutions with enough channels go to Winograd's F(2x2, 3x3) instead
+//! (`winograd.rs`, [`winograd::applies`]), all three kernels.
 //!
 //! candle 0.11's CPU convolution reaches a fraction of the gemm ceiling here, its input gradient is
 //! a naive `conv_transpose2d`, and its backward always computes the weight gradient too, even in an
@@ -16,25 +18,25 @@ use std::sync::Mutex;
 
 use rayon::prelude::*;
 
-use super::pair;
+use super::{pair, winograd};
 
 /// Square kernel, equal stride and padding on both axes, no dilation, no groups.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Geom {
-    b: usize,
-    c_in: usize,
-    h: usize,
-    w: usize,
-    c_out: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
+pub(super) struct Geom {
+    pub(super) b: usize,
+    pub(super) c_in: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) c_out: usize,
+    pub(super) k: usize,
+    pub(super) stride: usize,
+    pub(super) pad: usize,
     h_out: usize,
     w_out: usize,
 }
 
 impl Geom {
-    fn new(x: &[usize], w: &[usize], stride: usize, pad: usize) -> Result<Self> {
+    pub(super) fn new(x: &[usize], w: &[usize], stride: usize, pad: usize) -> Result<Self> {
         let (&[b, c_in, h, wd], &[c_out, wc_in, k, k2]) = (x, w) else {
             bail!("convolution wants [b, c, h, w] input and [c_out, c_in, k, k] weight, got {x:?} and {w:?}")
         };
@@ -239,14 +241,14 @@ fn col2im_chans<T: WithDType>(g: &Geom, masks: &[bool], cols: &[T], dx: &mut [T]
 
 /// Row-major matrix view for `gemm`: pointer, row stride, column stride.
 #[derive(Clone, Copy)]
-struct Mat<T> {
-    ptr: *const T,
-    rs: isize,
-    cs: isize,
+pub(super) struct Mat<T> {
+    pub(super) ptr: *const T,
+    pub(super) rs: isize,
+    pub(super) cs: isize,
 }
 
 impl<T> Mat<T> {
-    fn rows(ptr: *const T, cols: usize) -> Self {
+    pub(super) fn rows(ptr: *const T, cols: usize) -> Self {
         Self {
             ptr,
             rs: cols as isize,
@@ -255,7 +257,7 @@ impl<T> Mat<T> {
     }
 
     /// The transpose of a row-major `[rows, cols]` matrix.
-    fn transposed(ptr: *const T, cols: usize) -> Self {
+    pub(super) fn transposed(ptr: *const T, cols: usize) -> Self {
         Self {
             ptr,
             rs: 1,
@@ -270,7 +272,7 @@ impl<T> Mat<T> {
 /// # Safety
 /// `lhs` and `rhs` must address `m x k` and `k x n` readable elements with their strides; `dst`
 /// must hold `m * n` elements.
-unsafe fn matmul<T: WithDType>(
+pub(super) unsafe fn matmul<T: WithDType>(
     m: usize,
     n: usize,
     k: usize,
@@ -290,7 +292,7 @@ unsafe fn matmul<T: WithDType>(
 /// As [`matmul`], and `dst` must address `m` rows of `n` writable elements, `dst_stride` apart,
 /// that nothing else reads or writes meanwhile.
 #[allow(clippy::too_many_arguments)]
-unsafe fn matmul_into<T: WithDType>(
+pub(super) unsafe fn matmul_into<T: WithDType>(
     m: usize,
     n: usize,
     k: usize,
@@ -379,7 +381,7 @@ thread_local! {
 /// `f` over a column-matrix buffer of `n` values that this thread keeps between calls. Its
 /// contents are stale, and are never zeroed: `im2col` and a product that does not accumulate
 /// write every element before anything reads it (zeroing cost about as much as filling it).
-fn with_cols<T: WithDType, R>(n: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+pub(super) fn with_cols<T: WithDType, R>(n: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
     let held = COLS.with_borrow_mut(|held| {
         let i = held.iter().position(|b| b.is::<Vec<T>>())?;
         held.swap_remove(i).downcast::<Vec<T>>().ok()
@@ -494,6 +496,9 @@ fn paired(g: &Geom) -> bool {
 }
 
 fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+    if winograd::applies(g) {
+        return winograd::forward(g, x, w);
+    }
     let masks = g.same_masks();
     let (kd, hwo) = (g.kdim(), g.hw_out());
     let mut out = zeros(g.b * g.c_out * hwo);
@@ -558,6 +563,9 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
 
 /// `dx` from the output gradient `dy` `[b, c_out, h_out, w_out]` and the weight.
 fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
+    if winograd::applies(g) {
+        return winograd::input_grad(g, dy, w);
+    }
     let masks = g.same_masks();
     let (kd, hwo) = (g.kdim(), g.hw_out());
     let mut dx = zeros(g.b * g.c_in * g.hw());
@@ -618,6 +626,9 @@ fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
 /// (`c_out` 64, `kd` 576, 1,024 columns: 42-51 against 157 GFLOP/s on one core), at 75-95% of
 /// it on every other shape measured.
 fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
+    if winograd::applies(g) {
+        return winograd::weight_grad(g, dy, x);
+    }
     let masks = g.same_masks();
     let (kd, hwo) = (g.kdim(), g.hw_out());
     let n_g = group(g);
@@ -892,11 +903,11 @@ pub fn conv2d(xs: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Re
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
+    pub(in crate::model) fn rand(shape: &[usize], seed: u64) -> Tensor {
         // A deterministic, non-symmetric fill (candle's CPU RNG cannot be seeded).
         let n: usize = shape.iter().product();
         let v: Vec<f64> = (0..n)

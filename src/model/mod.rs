@@ -13,6 +13,7 @@ pub mod pytorch;
 pub mod resnet;
 pub mod router;
 pub mod small_cnn;
+mod winograd;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};

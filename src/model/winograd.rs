@@ -1,0 +1,701 @@
+//! Winograd's F(2x2, 3x3) for 3x3 convolutions with stride 1 and padding 1 and enough channels
+//! (ResNet-18's unstrided 3x3 layers; see [`applies`]): forward, input gradient and weight
+//! gradient, each as 16 matrix products.
+//!
+//! Each 2 x 2 block of outputs (a "tile") reads a 4 x 4 patch `d` of every input channel.
+//! Transformed, the patch becomes `B^T d B` and the filter `g` becomes `G g G^T`, both 4 x 4, and
+//! the tile is `A^T [(G g G^T) ⊙ (B^T d B)] A`. Summed over input channels, the elementwise product
+//! is 16 matrix products, one per position `xi` of the 4 x 4 transform: `M_xi = U_xi V_xi`, `U_xi`
+//! `[c_out, c_in]` and `V_xi` `[c_in, tiles]`. That is 16 multiplications per tile, input and
+//! output channel where im2col needs 36: 2.25 times fewer.
+//!
+//! The input gradient is the same convolution of `dy` with the filters transposed and turned by 180
+//! degrees, whose transform is `U` transposed with rows and columns 0 and 3 of `xi` swapped
+//! (`G J = P G` for the reversal `J` and that swap `P`). The weight gradient is the transpose of
+//! the bilinear algorithm, `dg = G^T [sum over tiles (A dy A^T) ⊙ (B^T d B)] G`: 16 products
+//! `[c_out, tiles] x [tiles, c_in]`, then `G^T S G` once per filter.
+//!
+//! Work is split into blocks of tiles (and, when there are few tiles, ranges of output channels)
+//! that each transform their own patches into a buffer that stays in cache, run their 16 products
+//! on one thread, and transform the results straight into the output.
+
+use candle_core::WithDType;
+use rayon::prelude::*;
+use std::ops::Range;
+
+use super::conv::{Geom, Mat, matmul, matmul_into, with_cols, zeros};
+
+/// Whether a convolution runs here rather than through im2col: 3x3, stride 1, padding 1, a batch
+/// (one image keeps the two-thread im2col path of attacks), and channels enough on both sides for
+/// the products (`16 c_in c_out` per tile) to outweigh the transforms (about `16 (c_in + c_out)`,
+/// dearer on narrow maps, whose tile rows fill few vector lanes). Measured against im2col, batch
+/// 32 (128 for 14 x 14): 64 channels on 32 x 32 maps and 128 or more on smaller ones gain, 64 on
+/// 14 x 14 loses (its weight gradient by a third).
+pub(super) fn applies(g: &Geom) -> bool {
+    let channels = g.c_in.min(g.c_out);
+    g.k == 3 && g.stride == 1 && g.pad == 1 && g.b > 1 && (channels >= 128 || (channels >= 64 && g.w >= 32))
+}
+
+/// The tile grid of a batch of `h x w` maps: `ceil(h / 2) x ceil(w / 2)` tiles per image, numbered
+/// image by image, row by row.
+#[derive(Clone, Copy, Debug)]
+struct Tiles {
+    b: usize,
+    h: usize,
+    w: usize,
+    th: usize,
+    tw: usize,
+}
+
+impl Tiles {
+    fn new(b: usize, h: usize, w: usize) -> Self {
+        Self {
+            b,
+            h,
+            w,
+            th: h.div_ceil(2),
+            tw: w.div_ceil(2),
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.b * self.th * self.tw
+    }
+
+    fn hw(&self) -> usize {
+        self.h * self.w
+    }
+
+    /// `f(j, n, ty, txs)` for each run of tiles in `range` that lie on one tile row `ty` of image
+    /// `n`, `j` the position of the run's first tile in `range`.
+    fn rows(&self, range: Range<usize>, mut f: impl FnMut(usize, usize, usize, Range<usize>)) {
+        let mut t = range.start;
+        while t < range.end {
+            let (row, tx) = (t / self.tw, t % self.tw);
+            let len = (self.tw - tx).min(range.end - t);
+            f(t - range.start, row / self.th, row % self.th, tx..tx + len);
+            t += len;
+        }
+    }
+}
+
+/// Tiles per block: enough columns for efficient products, few enough that a block's transformed
+/// patches (`16 * channels * tiles` values) stay in the core's cache.
+fn block(channels: usize, tiles: usize) -> usize {
+    (16384 / channels.max(1)).clamp(32, 1024).min(tiles.max(1))
+}
+
+/// The row stride of a block's transforms: `nt` rounded up to whole vectors, and off the large
+/// powers of two, whose rows would share cache sets when gemm packs a column of them.
+fn lead(nt: usize) -> usize {
+    let l = nt.next_multiple_of(16);
+    if l.is_multiple_of(256) { l + 16 } else { l }
+}
+
+fn half<T: WithDType>() -> T {
+    T::from_f64(0.5)
+}
+
+/// Values per step of [`lanes`]: one AVX-512 vector of `f32`.
+const LANES: usize = 16;
+
+/// `dst[.., j] = f(src[.., j])` for every column `j`, `LANES` columns at a time through
+/// fixed-size arrays, which the compiler turns into vector code (indexing the rows directly, it
+/// kept every value in a scalar register).
+#[inline(always)]
+fn lanes<T: WithDType, const I: usize, const O: usize>(
+    src: &[&[T]; I],
+    dst: &mut [&mut [T]; O],
+    f: impl Fn([T; I]) -> [T; O],
+) {
+    let n = src.first().map_or(0, |s| s.len());
+    let mut j = 0;
+    while j < n {
+        let len = LANES.min(n - j);
+        let mut a = [[T::zero(); LANES]; I];
+        for (a, s) in a.iter_mut().zip(src) {
+            if len == LANES {
+                a.copy_from_slice(&s[j..j + LANES]);
+            } else {
+                a[..len].copy_from_slice(&s[j..j + len]);
+            }
+        }
+        let mut b = [[T::zero(); LANES]; O];
+        for l in 0..LANES {
+            let out = f(std::array::from_fn(|k| a[k][l]));
+            for (b, v) in b.iter_mut().zip(out) {
+                b[l] = v;
+            }
+        }
+        for (d, b) in dst.iter_mut().zip(&b) {
+            if len == LANES {
+                d[j..j + LANES].copy_from_slice(b);
+            } else {
+                d[j..j + len].copy_from_slice(&b[..len]);
+            }
+        }
+        j += len;
+    }
+}
+
+/// `even[k] = src[2 k]` and `odd[k] = src[2 k + 1]` for every pair in `src` (an odd `src`'s last
+/// value goes to `even`), in fixed-size blocks that the compiler turns into vector shuffles.
+fn deinterleave<T: Copy>(src: &[T], even: &mut [T], odd: &mut [T]) {
+    let k = deinterleave_blocks::<T, 16>(src, even, odd, 0);
+    let k = deinterleave_blocks::<T, 4>(src, even, odd, k);
+    for (i, &v) in src.iter().enumerate().skip(2 * k) {
+        if i % 2 == 0 {
+            even[i / 2] = v;
+        } else {
+            odd[i / 2] = v;
+        }
+    }
+}
+
+fn deinterleave_blocks<T: Copy, const B: usize>(src: &[T], even: &mut [T], odd: &mut [T], mut k: usize) -> usize {
+    while 2 * (k + B) <= src.len() {
+        let s = &src[2 * k..2 * (k + B)];
+        let (e, o) = (&mut even[k..k + B], &mut odd[k..k + B]);
+        for l in 0..B {
+            e[l] = s[2 * l];
+            o[l] = s[2 * l + 1];
+        }
+        k += B;
+    }
+    k
+}
+
+/// The inverse of [`deinterleave`]: `dst[2 k] = even[k]`, `dst[2 k + 1] = odd[k]`.
+fn interleave<T: Copy>(even: &[T], odd: &[T], dst: &mut [T]) {
+    let k = interleave_blocks::<T, 16>(even, odd, dst, 0);
+    let k = interleave_blocks::<T, 4>(even, odd, dst, k);
+    for (i, d) in dst.iter_mut().enumerate().skip(2 * k) {
+        *d = if i % 2 == 0 { even[i / 2] } else { odd[i / 2] };
+    }
+}
+
+fn interleave_blocks<T: Copy, const B: usize>(even: &[T], odd: &[T], dst: &mut [T], mut k: usize) -> usize {
+    while 2 * (k + B) <= dst.len() {
+        let d = &mut dst[2 * k..2 * (k + B)];
+        let (e, o) = (&even[k..k + B], &odd[k..k + B]);
+        for l in 0..B {
+            d[2 * l] = e[l];
+            d[2 * l + 1] = o[l];
+        }
+        k += B;
+    }
+    k
+}
+
+/// `G g G^T` of a 3 x 3 filter, row-major.
+#[inline(always)]
+fn filter_transform<T: WithDType>(g: &[T]) -> [T; 16] {
+    let h = half::<T>();
+    let mut r = [[T::zero(); 3]; 4];
+    for j in 0..3 {
+        let (a, b, c) = (g[j], g[3 + j], g[6 + j]);
+        r[0][j] = a;
+        r[1][j] = h * (a + b + c);
+        r[2][j] = h * (a - b + c);
+        r[3][j] = c;
+    }
+    let mut e = [T::zero(); 16];
+    for (i, r) in r.iter().enumerate() {
+        let (a, b, c) = (r[0], r[1], r[2]);
+        e[4 * i] = a;
+        e[4 * i + 1] = h * (a + b + c);
+        e[4 * i + 2] = h * (a - b + c);
+        e[4 * i + 3] = c;
+    }
+    e
+}
+
+/// `A^T m A`: a tile's 2 x 2 outputs from its 16 products, row-major.
+#[inline(always)]
+fn output_transform<T: WithDType>(m: [T; 16]) -> [T; 4] {
+    let mut r = [[T::zero(); 4]; 2];
+    for j in 0..4 {
+        r[0][j] = m[j] + m[4 + j] + m[8 + j];
+        r[1][j] = m[4 + j] - m[8 + j] - m[12 + j];
+    }
+    [
+        r[0][0] + r[0][1] + r[0][2],
+        r[0][1] - r[0][2] - r[0][3],
+        r[1][0] + r[1][1] + r[1][2],
+        r[1][1] - r[1][2] - r[1][3],
+    ]
+}
+
+/// `G^T s G`: a 3 x 3 filter's gradient from that of its transform.
+#[inline(always)]
+fn filter_grad_transform<T: WithDType>(s: [T; 16]) -> [T; 9] {
+    let h = half::<T>();
+    let fold = |a: T, b: T, c: T, d: T| [a + h * (b + c), h * (b - c), h * (b + c) + d];
+    let mut r = [[T::zero(); 4]; 3];
+    for j in 0..4 {
+        let f = fold(s[j], s[4 + j], s[8 + j], s[12 + j]);
+        for i in 0..3 {
+            r[i][j] = f[i];
+        }
+    }
+    let mut e = [T::zero(); 9];
+    for (i, r) in r.iter().enumerate() {
+        let f = fold(r[0], r[1], r[2], r[3]);
+        e[3 * i..3 * i + 3].copy_from_slice(&f);
+    }
+    e
+}
+
+/// The transformed filters of `w` `[c_out, c_in, 3, 3]`, laid out `[c_out, 16, c_in]`: `U_xi` is
+/// the `[c_out, c_in]` matrix at offset `xi * c_in` with rows `16 * c_in` apart.
+fn filters<T: WithDType>(w: &[T], c_out: usize, c_in: usize) -> Vec<T> {
+    let mut u = vec![T::zero(); c_out * 16 * c_in];
+    let one = |(o, u): (usize, &mut [T])| {
+        for i in 0..c_in {
+            let e = filter_transform(&w[(o * c_in + i) * 9..][..9]);
+            for (xi, e) in e.into_iter().enumerate() {
+                u[xi * c_in + i] = e;
+            }
+        }
+    };
+    if c_out * c_in < 4096 {
+        u.chunks_mut(16 * c_in).enumerate().for_each(one);
+    } else {
+        u.par_chunks_mut(16 * c_in).enumerate().for_each(one);
+    }
+    u
+}
+
+/// The transformed filters of the input gradient, `U'_xi[i, o] = U_swap(xi)[o, i]` with rows and
+/// columns 0 and 3 of `xi` swapped (the transform of `rot180(w[o, i])`), laid out `[c_in, 16,
+/// c_out]` like [`filters`]: reading `U` transposed instead made gemm pack it from columns
+/// `16 * c_in` apart, which cost more than the products on 4 x 4 maps.
+fn turned_filters<T: WithDType>(w: &[T], c_out: usize, c_in: usize) -> Vec<T> {
+    const SWAP: [usize; 4] = [3, 1, 2, 0];
+    // Sixteen input channels per piece, so that each output channel's filters are read in runs
+    // (a piece per input channel read them `9 * c_in` values apart, a cache miss each).
+    const CHANS: usize = 16;
+    let mut u = vec![T::zero(); c_in * 16 * c_out];
+    let piece = |(p, u): (usize, &mut [T])| {
+        let i0 = p * CHANS;
+        let n = u.len() / (16 * c_out);
+        // Sixteen output channels at a time, so that every write fills a run of 16 values (one
+        // at a time, the 256 rows written per channel, `c_out` values apart, evicted each other).
+        let mut block = [[T::zero(); 16]; 16];
+        for o0 in (0..c_out).step_by(16) {
+            let os = o0..(o0 + 16).min(c_out);
+            for di in 0..n {
+                for (k, o) in os.clone().enumerate() {
+                    let e = filter_transform(&w[(o * c_in + i0 + di) * 9..][..9]);
+                    for (xi, row) in block.iter_mut().enumerate() {
+                        row[k] = e[4 * SWAP[xi / 4] + SWAP[xi % 4]];
+                    }
+                }
+                for (xi, row) in block.iter().enumerate() {
+                    u[(di * 16 + xi) * c_out + o0..][..os.len()].copy_from_slice(&row[..os.len()]);
+                }
+            }
+        }
+    };
+    if c_out * c_in < 4096 {
+        u.chunks_mut(CHANS * 16 * c_out).enumerate().for_each(piece);
+    } else {
+        u.par_chunks_mut(CHANS * 16 * c_out).enumerate().for_each(piece);
+    }
+    u
+}
+
+/// `v[xi, i, j] = (B^T d B)[xi]` for the patch `d` of channel `i` of `inp` `[b, c, h, w]` under
+/// tile `tiles.start + j`, rows of `v` `ld` apart.
+///
+/// Along a tile row everything is a vector over the row's tiles: `B^T` applied to the four
+/// zero-padded input lines gives four lines `r`; split into even and odd columns `e`, `o`, the
+/// tiles' transforms are `e[k] - e[k + 1]`, `o[k] + e[k + 1]`, `e[k + 1] - o[k]`, `o[k] - o[k + 1]`.
+fn transform_patches<T: WithDType>(t: &Tiles, inp: &[T], c: usize, tiles: Range<usize>, v: &mut [T], ld: usize) {
+    let (h, w, tw) = (t.h, t.w, t.tw);
+    let zero = vec![T::zero(); w];
+    // `r[p]` for the padded columns `p = x + 1` of a run: one zero before the map, zeros after.
+    let mut r = vec![T::zero(); 2 * tw + 2];
+    let (mut e, mut o) = (vec![T::zero(); tw + 1], vec![T::zero(); tw + 1]);
+    for i in 0..c {
+        t.rows(tiles.clone(), |j0, n, ty, txs| {
+            let plane = &inp[(n * c + i) * t.hw()..][..t.hw()];
+            let l: [&[T]; 4] = std::array::from_fn(|k| {
+                let y = (2 * ty + k).wrapping_sub(1);
+                if y < h { &plane[y * w..][..w] } else { &zero[..] }
+            });
+            let (len, lo) = (txs.len(), 2 * txs.start);
+            let span = 2 * len + 2;
+            // Columns x in [lo - 1, lo + span - 1) inside the map, at r[x + 1 - lo].
+            let xs = lo.saturating_sub(1)..(lo + span - 1).min(w);
+            let inner = xs.start + 1 - lo..xs.end + 1 - lo;
+            for a in 0..4 {
+                let r = &mut r[..span];
+                r[..inner.start].fill(T::zero());
+                r[inner.end..].fill(T::zero());
+                let (p, q) = match a {
+                    0 => (l[0], l[2]),
+                    1 | 2 => (l[2], l[1]),
+                    _ => (l[1], l[3]),
+                };
+                let ri = r[inner.clone()].iter_mut().zip(&p[xs.clone()]).zip(&q[xs.clone()]);
+                if a == 1 {
+                    ri.for_each(|((r, &p), &q)| *r = p + q);
+                } else {
+                    ri.for_each(|((r, &p), &q)| *r = p - q);
+                }
+                deinterleave(r, &mut e[..len + 1], &mut o[..len + 1]);
+                let (e0, e1, o0, o1) = (&e[..len], &e[1..=len], &o[..len], &o[1..=len]);
+                let mut rows = v
+                    .chunks_exact_mut(ld)
+                    .skip((4 * a) * c + i)
+                    .step_by(c)
+                    .map(|row| &mut row[j0..j0 + len]);
+                let mut next = || rows.next().expect("16 rows per channel");
+                for ((d, &x), &y) in next().iter_mut().zip(e0).zip(e1) {
+                    *d = x - y;
+                }
+                for ((d, &x), &y) in next().iter_mut().zip(o0).zip(e1) {
+                    *d = x + y;
+                }
+                for ((d, &x), &y) in next().iter_mut().zip(e1).zip(o0) {
+                    *d = x - y;
+                }
+                for ((d, &x), &y) in next().iter_mut().zip(o0).zip(o1) {
+                    *d = x - y;
+                }
+            }
+        });
+    }
+}
+
+/// `e[xi, o, j] = (A dy A^T)[xi]` for the 2 x 2 block of `dy` `[b, c, h, w]` channel `o` under
+/// tile `tiles.start + j` (zero past the map's edge), rows of `e` `ld` apart, computed like
+/// [`transform_patches`]: `A` on the block's two lines `d0`, `d1` gives `d0`, `d0 + d1`,
+/// `d0 - d1`, `-d1`; each split into even and odd columns `u`, `v` gives `u`, `u + v`, `u - v`,
+/// `-v`.
+fn transform_grads<T: WithDType>(t: &Tiles, dy: &[T], c: usize, tiles: Range<usize>, e: &mut [T], ld: usize) {
+    let (h, w, tw) = (t.h, t.w, t.tw);
+    let zero = vec![T::zero(); w];
+    let mut r = vec![T::zero(); 2 * tw];
+    let (mut ev, mut od) = (vec![T::zero(); tw], vec![T::zero(); tw]);
+    for o in 0..c {
+        t.rows(tiles.clone(), |j0, n, ty, txs| {
+            let plane = &dy[(n * c + o) * t.hw()..][..t.hw()];
+            let line = |y: usize| if y < h { &plane[y * w..][..w] } else { &zero[..] };
+            let (len, x0) = (txs.len(), 2 * txs.start);
+            let xs = x0..(x0 + 2 * len).min(w);
+            let (d0, d1) = (&line(2 * ty)[xs.clone()], &line(2 * ty + 1)[xs.clone()]);
+            for a in 0..4 {
+                let r = &mut r[..2 * len];
+                // An odd map's last tile reads one column past its edge.
+                r[xs.len()..].fill(T::zero());
+                let ri = r.iter_mut().zip(d0).zip(d1);
+                match a {
+                    0 => ri.for_each(|((r, &p), _)| *r = p),
+                    1 => ri.for_each(|((r, &p), &q)| *r = p + q),
+                    2 => ri.for_each(|((r, &p), &q)| *r = p - q),
+                    _ => ri.for_each(|((r, _), &q)| *r = T::zero() - q),
+                }
+                deinterleave(r, &mut ev[..len], &mut od[..len]);
+                let (u, v) = (&ev[..len], &od[..len]);
+                let mut rows = e
+                    .chunks_exact_mut(ld)
+                    .skip((4 * a) * c + o)
+                    .step_by(c)
+                    .map(|row| &mut row[j0..j0 + len]);
+                let mut next = || rows.next().expect("16 rows per channel");
+                next().copy_from_slice(u);
+                for ((d, &x), &y) in next().iter_mut().zip(u).zip(v) {
+                    *d = x + y;
+                }
+                for ((d, &x), &y) in next().iter_mut().zip(u).zip(v) {
+                    *d = x - y;
+                }
+                for (d, &y) in next().iter_mut().zip(v) {
+                    *d = T::zero() - y;
+                }
+            }
+        });
+    }
+}
+
+/// Writes tiles `tiles` of output channels `outs` into `out` `[b, c_out, h, w]` from their
+/// products `m[xi, o - outs.start, j]`: the outputs of a channel's tiles into `y[2 a + parity, j]`
+/// (row `a` of the tile, even or odd column), then interleaved into the map's rows.
+///
+/// # Safety
+/// `out` must address `b * c_out * h * w` values, of which nothing else reads or writes these
+/// tiles' channels `outs` meanwhile.
+unsafe fn write_tiles<T: WithDType>(
+    t: &Tiles,
+    m: &[T],
+    c_out: usize,
+    outs: Range<usize>,
+    tiles: Range<usize>,
+    out: *mut T,
+) {
+    let (nt, no) = (tiles.len(), outs.len());
+    let (h, w) = (t.h, t.w);
+    let mut y = vec![T::zero(); 4 * nt];
+    for (oi, o) in outs.enumerate() {
+        {
+            let p: [&[T]; 16] = std::array::from_fn(|xi| &m[(xi * no + oi) * nt..][..nt]);
+            let mut rows = y.chunks_exact_mut(nt);
+            let mut q: [&mut [T]; 4] = std::array::from_fn(|_| rows.next().expect("4 rows"));
+            lanes(&p, &mut q, output_transform);
+        }
+        t.rows(tiles.clone(), |j0, n, ty, txs| {
+            let len = txs.len();
+            let x0 = 2 * txs.start;
+            let width = (2 * txs.end).min(w) - x0;
+            for a in 0..2 {
+                let yy = 2 * ty + a;
+                if yy >= h {
+                    break;
+                }
+                // SAFETY: these columns of row yy of plane (n, o) belong to this call's tiles
+                // alone, and lie inside `out`.
+                let row =
+                    unsafe { std::slice::from_raw_parts_mut(out.add((n * c_out + o) * t.hw() + yy * w + x0), width) };
+                let (ev, od) = (&y[2 * a * nt + j0..][..len], &y[(2 * a + 1) * nt + j0..][..len]);
+                interleave(ev, od, row);
+            }
+        });
+    }
+}
+
+/// `out[n, o] = sum_i conv3x3(inp[n, i], filter(o, i))` with padding 1, for `inp`
+/// `[b, c_in, h, w]`; `lhs(xi, o0)` is `U_xi` from row (output channel) `o0` on.
+fn correlate<T: WithDType>(
+    t: &Tiles,
+    inp: &[T],
+    c_in: usize,
+    c_out: usize,
+    lhs: impl Fn(usize, usize) -> Mat<T> + Sync,
+) -> Vec<T> {
+    let mut out = zeros(t.b * c_out * t.hw());
+    let n = t.count();
+    let nb = block(c_in, n);
+    let blocks = n.div_ceil(nb);
+    let threads = rayon::current_num_threads();
+    let splits = (2 * threads).div_ceil(blocks).min(c_out.div_ceil(32)).max(1);
+    let per = c_out.div_ceil(splits);
+    let dst = out.as_mut_ptr() as usize;
+    let task = |j: usize| {
+        let (blk, s) = (j / splits, j % splits);
+        let tiles = blk * nb..((blk + 1) * nb).min(n);
+        let outs = (s * per).min(c_out)..((s + 1) * per).min(c_out);
+        let (nt, no) = (tiles.len(), outs.len());
+        if nt == 0 || no == 0 {
+            return;
+        }
+        let ld = lead(nt);
+        with_cols(16 * c_in * ld, |v: &mut [T]| {
+            transform_patches(t, inp, c_in, tiles.clone(), v, ld);
+            with_cols(16 * no * nt, |m: &mut [T]| {
+                for xi in 0..16 {
+                    // SAFETY: lhs is [no, c_in] from row outs.start, v's block xi [c_in, nt],
+                    // m's block xi [no, nt].
+                    unsafe {
+                        matmul(
+                            no,
+                            nt,
+                            c_in,
+                            &mut m[xi * no * nt..],
+                            false,
+                            lhs(xi, outs.start),
+                            Mat::rows(v[xi * c_in * ld..].as_ptr(), ld),
+                        )
+                    }
+                }
+                // SAFETY: tasks write disjoint (tile, channel) sets of out.
+                unsafe { write_tiles(t, m, c_out, outs.clone(), tiles.clone(), dst as *mut T) }
+            })
+        })
+    };
+    let tasks = blocks * splits;
+    if tasks == 1 {
+        task(0)
+    } else {
+        (0..tasks).into_par_iter().for_each(task)
+    }
+    out
+}
+
+/// `conv(x, w)`, `[b, c_in, h, w]` to `[b, c_out, h, w]`.
+pub(super) fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+    let u = filters(w, g.c_out, g.c_in);
+    let ci = g.c_in;
+    correlate(&Tiles::new(g.b, g.h, g.w), x, ci, g.c_out, |xi, o0| Mat {
+        ptr: u[o0 * 16 * ci + xi * ci..].as_ptr(),
+        rs: (16 * ci) as isize,
+        cs: 1,
+    })
+}
+
+/// `dx` `[b, c_in, h, w]` from `dy` `[b, c_out, h, w]`: the convolution of `dy` with the filters
+/// `w'[i, o] = rot180(w[o, i])`.
+pub(super) fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
+    let u = turned_filters(w, g.c_out, g.c_in);
+    let co = g.c_out;
+    correlate(&Tiles::new(g.b, g.h, g.w), dy, co, g.c_in, |xi, i0| Mat {
+        ptr: u[i0 * 16 * co + xi * co..].as_ptr(),
+        rs: (16 * co) as isize,
+        cs: 1,
+    })
+}
+
+/// `dw` `[c_out, c_in, 3, 3]` from `dy` `[b, c_out, h, w]` and `x` `[b, c_in, h, w]`.
+pub(super) fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
+    let t = Tiles::new(g.b, g.h, g.w);
+    let (ci, co) = (g.c_in, g.c_out);
+    let n = t.count();
+    // Deep products: one block per thread, as long as a block's transforms stay under 8 MiB of
+    // f32 (each block adds onto the whole `[c_out, 16, c_in]` sum).
+    let cap = ((1 << 21) / (16 * (ci + co))).max(32);
+    let nb = n.div_ceil(rayon::current_num_threads()).clamp(1, cap);
+    let blocks = n.div_ceil(nb);
+    // Adds block `blk`'s products onto `s` `[c_out, 16, c_in]`, or overwrites it when `fresh`.
+    let partial = |blk: usize, s: &mut [T], fresh: bool| {
+        let tiles = blk * nb..((blk + 1) * nb).min(n);
+        let nt = tiles.len();
+        let ld = lead(nt);
+        with_cols(16 * ci * ld, |v: &mut [T]| {
+            transform_patches(&t, x, ci, tiles.clone(), v, ld);
+            with_cols(16 * co * ld, |e: &mut [T]| {
+                transform_grads(&t, dy, co, tiles.clone(), e, ld);
+                for xi in 0..16 {
+                    // SAFETY: e's block xi is [co, nt], v's [ci, nt] read transposed as
+                    // [nt, ci]; s's rows are 16 * ci apart, from column xi * ci.
+                    unsafe {
+                        matmul_into(
+                            co,
+                            ci,
+                            nt,
+                            s.as_mut_ptr().add(xi * ci),
+                            16 * ci,
+                            !fresh,
+                            Mat::rows(e[xi * co * ld..].as_ptr(), ld),
+                            Mat::transposed(v[xi * ci * ld..].as_ptr(), ld),
+                        )
+                    }
+                }
+            })
+        });
+    };
+    let add = |mut s: Vec<T>, blk: usize| {
+        let fresh = s.is_empty();
+        if fresh {
+            s = vec![T::zero(); co * 16 * ci];
+        }
+        partial(blk, &mut s, fresh);
+        s
+    };
+    let mut parts: Vec<Vec<T>> = if blocks == 1 {
+        vec![add(Vec::new(), 0)]
+    } else {
+        (0..blocks)
+            .into_par_iter()
+            .fold(Vec::new, &add)
+            .filter(|p| !p.is_empty())
+            .collect()
+    };
+    let Some((s, rest)) = parts.split_first_mut() else {
+        return vec![T::zero(); co * ci * 9];
+    };
+    let mut dw = vec![T::zero(); co * ci * 9];
+    let s = &*s;
+    let rest = &*rest;
+    let one = |(o, dw): (usize, &mut [T])| {
+        let row = o * 16 * ci;
+        for i in 0..ci {
+            let mut p = [T::zero(); 16];
+            for (xi, p) in p.iter_mut().enumerate() {
+                *p = s[row + xi * ci + i];
+                for r in rest {
+                    *p += r[row + xi * ci + i];
+                }
+            }
+            dw[i * 9..][..9].copy_from_slice(&filter_grad_transform(p));
+        }
+    };
+    if co * ci < 4096 {
+        dw.chunks_mut(9 * ci).enumerate().for_each(one);
+    } else {
+        dw.par_chunks_mut(9 * ci).enumerate().for_each(one);
+    }
+    dw
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::conv::tests::rand;
+    use candle_core::{Tensor, Var};
+
+    fn flat(t: &Tensor) -> Vec<f64> {
+        t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    }
+
+    /// All three kernels against candle's convolution and its backward (correct for stride 1),
+    /// in f64, on even and odd maps, one and several blocks of tiles and of output channels.
+    #[test]
+    fn agrees_with_candle_on_many_shapes() {
+        for (case, &(b, ci, h, w, co)) in [
+            (1, 1, 2, 2, 1),
+            (2, 3, 5, 5, 4),
+            (3, 2, 7, 6, 5),
+            (2, 5, 1, 3, 2),
+            (4, 8, 8, 8, 70),
+            (9, 40, 9, 11, 33),
+            (5, 70, 4, 4, 3),
+            (33, 16, 6, 6, 16),
+            (2, 64, 4, 5, 72),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let x = Var::from_tensor(&rand(&[b, ci, h, w], case as u64)).unwrap();
+            let wt = Var::from_tensor(&rand(&[co, ci, 3, 3], 50 + case as u64)).unwrap();
+            let probe = rand(&[b, co, h, w], 90 + case as u64);
+            let y = x.conv2d(&wt, 1, 1, 1, 1).unwrap();
+            let grads = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let g = Geom::new(&[b, ci, h, w], &[co, ci, 3, 3], 1, 1).unwrap();
+            let (xs, ws, ps) = (flat(x.as_tensor()), flat(wt.as_tensor()), flat(&probe));
+            let close = |got: Vec<f64>, want: Vec<f64>, what: &str| {
+                assert_eq!(got.len(), want.len(), "{what}, case {case}");
+                let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+                assert!(d < 1e-10, "{what}, case {case}: {d}");
+            };
+            close(forward(&g, &xs, &ws), flat(&y), "forward");
+            close(
+                input_grad(&g, &ps, &ws),
+                flat(grads.get(x.as_tensor()).unwrap()),
+                "input gradient",
+            );
+            close(
+                weight_grad(&g, &ps, &xs),
+                flat(grads.get(wt.as_tensor()).unwrap()),
+                "weight gradient",
+            );
+        }
+    }
+
+    #[test]
+    fn f32_matches_f64() {
+        let (b, ci, h, w, co) = (3, 20, 10, 10, 24);
+        let g = Geom::new(&[b, ci, h, w], &[co, ci, 3, 3], 1, 1).unwrap();
+        let x = flat(&rand(&[b, ci, h, w], 1));
+        let wt = flat(&rand(&[co, ci, 3, 3], 2));
+        let f32s = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
+        let a = forward(&g, &x, &wt);
+        let b32 = forward(&g, &f32s(&x), &f32s(&wt));
+        let d = a
+            .iter()
+            .zip(&b32)
+            .map(|(a, b)| (a - *b as f64).abs())
+            .fold(0.0, f64::max);
+        assert!(d < 1e-4, "{d}");
+    }
+}
