@@ -23,7 +23,7 @@ use candle_core::WithDType;
 use rayon::prelude::*;
 use std::ops::Range;
 
-use super::conv::{Geom, Mat, matmul, matmul_into, with_cols, zeros};
+use super::conv::{Geom, Mat, PAR_MIN, matmul, matmul_into, with_cols, zeros};
 
 /// Whether a convolution runs here rather than through im2col: 3x3, stride 1, padding 1, a batch
 /// (one image keeps the two-thread im2col path of attacks), and channels enough on both sides for
@@ -369,17 +369,26 @@ fn transform_patches<T: WithDType>(t: &Tiles, inp: &[T], c: usize, tiles: Range<
     }
 }
 
-/// `e[xi, o, j] = (A dy A^T)[xi]` for the 2 x 2 block of `dy` `[b, c, h, w]` channel `o` under
+/// `e[xi, o - chans.start, j] = (A dy A^T)[xi]` for the 2 x 2 block of `dy` `[b, c, h, w]` channel `o` under
 /// tile `tiles.start + j` (zero past the map's edge), rows of `e` `ld` apart, computed like
 /// [`transform_patches`]: `A` on the block's two lines `d0`, `d1` gives `d0`, `d0 + d1`,
 /// `d0 - d1`, `-d1`; each split into even and odd columns `u`, `v` gives `u`, `u + v`, `u - v`,
 /// `-v`.
-fn transform_grads<T: WithDType>(t: &Tiles, dy: &[T], c: usize, tiles: Range<usize>, e: &mut [T], ld: usize) {
+fn transform_grads<T: WithDType>(
+    t: &Tiles,
+    dy: &[T],
+    c: usize,
+    chans: Range<usize>,
+    tiles: Range<usize>,
+    e: &mut [T],
+    ld: usize,
+) {
     let (h, w, tw) = (t.h, t.w, t.tw);
     let zero = vec![T::zero(); w];
     let mut r = vec![T::zero(); 2 * tw];
     let (mut ev, mut od) = (vec![T::zero(); tw], vec![T::zero(); tw]);
-    for o in 0..c {
+    let nc = chans.len();
+    for (oi, o) in chans.enumerate() {
         t.rows(tiles.clone(), |j0, n, ty, txs| {
             let plane = &dy[(n * c + o) * t.hw()..][..t.hw()];
             let line = |y: usize| if y < h { &plane[y * w..][..w] } else { &zero[..] };
@@ -401,8 +410,8 @@ fn transform_grads<T: WithDType>(t: &Tiles, dy: &[T], c: usize, tiles: Range<usi
                 let (u, v) = (&ev[..len], &od[..len]);
                 let mut rows = e
                     .chunks_exact_mut(ld)
-                    .skip((4 * a) * c + o)
-                    .step_by(c)
+                    .skip((4 * a) * nc + oi)
+                    .step_by(nc)
                     .map(|row| &mut row[j0..j0 + len]);
                 let mut next = || rows.next().expect("16 rows per channel");
                 next().copy_from_slice(u);
@@ -551,32 +560,30 @@ pub(super) fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
     let t = Tiles::new(g.b, g.h, g.w);
     let (ci, co) = (g.c_in, g.c_out);
     let n = t.count();
-    // Deep products: one block per thread, as long as a block's transforms stay under 8 MiB of
-    // f32 (each block adds onto the whole `[c_out, 16, c_in]` sum).
+    let threads = rayon::current_num_threads();
+    // Deep products, as long as a block's transforms stay under 8 MiB of f32.
     let cap = ((1 << 21) / (16 * (ci + co))).max(32);
-    let nb = n.div_ceil(rayon::current_num_threads()).clamp(1, cap);
-    let blocks = n.div_ceil(nb);
-    // Adds block `blk`'s products onto `s` `[c_out, 16, c_in]`, or overwrites it when `fresh`.
-    let partial = |blk: usize, s: &mut [T], fresh: bool| {
-        let tiles = blk * nb..((blk + 1) * nb).min(n);
-        let nt = tiles.len();
+    // The products of tiles `tiles` and output channels `outs` onto `s` `[outs, 16, c_in]`, or
+    // into it when `fresh`.
+    let product = |tiles: Range<usize>, outs: Range<usize>, s: &mut [T], fresh: bool| {
+        let (nt, no) = (tiles.len(), outs.len());
         let ld = lead(nt);
         with_cols(16 * ci * ld, |v: &mut [T]| {
             transform_patches(&t, x, ci, tiles.clone(), v, ld);
-            with_cols(16 * co * ld, |e: &mut [T]| {
-                transform_grads(&t, dy, co, tiles.clone(), e, ld);
+            with_cols(16 * no * ld, |e: &mut [T]| {
+                transform_grads(&t, dy, co, outs.clone(), tiles.clone(), e, ld);
                 for xi in 0..16 {
-                    // SAFETY: e's block xi is [co, nt], v's [ci, nt] read transposed as
+                    // SAFETY: e's block xi is [no, nt], v's [ci, nt] read transposed as
                     // [nt, ci]; s's rows are 16 * ci apart, from column xi * ci.
                     unsafe {
                         matmul_into(
-                            co,
+                            no,
                             ci,
                             nt,
                             s.as_mut_ptr().add(xi * ci),
                             16 * ci,
                             !fresh,
-                            Mat::rows(e[xi * co * ld..].as_ptr(), ld),
+                            Mat::rows(e[xi * no * ld..].as_ptr(), ld),
                             Mat::transposed(v[xi * ci * ld..].as_ptr(), ld),
                         )
                     }
@@ -584,40 +591,61 @@ pub(super) fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
             })
         });
     };
-    let add = |mut s: Vec<T>, blk: usize| {
-        let fresh = s.is_empty();
-        if fresh {
-            s = vec![T::zero(); co * 16 * ci];
-        }
-        partial(blk, &mut s, fresh);
+    let s = if co > n && threads > 1 {
+        // More output channels than tiles (ResNet-18's last stage): each task owns a range of
+        // output channels over all tiles, transforming the input once per task, rather than each
+        // thread summing the whole `[c_out, 16, c_in]` (16 MiB there) to be added up after.
+        let per = co.div_ceil(threads);
+        let nb = n.min(cap);
+        let mut s = vec![T::zero(); co * 16 * ci];
+        s.par_chunks_mut(per * 16 * ci).enumerate().for_each(|(p, s)| {
+            let outs = p * per..((p + 1) * per).min(co);
+            for (k, t0) in (0..n).step_by(nb).enumerate() {
+                product(t0..(t0 + nb).min(n), outs.clone(), s, k == 0);
+            }
+        });
         s
-    };
-    let mut parts: Vec<Vec<T>> = if blocks == 1 {
-        vec![add(Vec::new(), 0)]
     } else {
-        (0..blocks)
-            .into_par_iter()
-            .fold(Vec::new, &add)
-            .filter(|p| !p.is_empty())
-            .collect()
-    };
-    let Some((s, rest)) = parts.split_first_mut() else {
-        return vec![T::zero(); co * ci * 9];
+        // One block of tiles per thread, each thread's sum added up after.
+        let nb = n.div_ceil(threads).clamp(1, cap);
+        let blocks = n.div_ceil(nb);
+        let add = |mut s: Vec<T>, blk: usize| {
+            let fresh = s.is_empty();
+            if fresh {
+                s = vec![T::zero(); co * 16 * ci];
+            }
+            product(blk * nb..((blk + 1) * nb).min(n), 0..co, &mut s, fresh);
+            s
+        };
+        let parts = if blocks == 1 {
+            vec![add(Vec::new(), 0)]
+        } else {
+            (0..blocks)
+                .into_par_iter()
+                .fold(Vec::new, &add)
+                .filter(|p| !p.is_empty())
+                .collect()
+        };
+        sum(parts)
     };
     let mut dw = vec![T::zero(); co * ci * 9];
-    let s = &*s;
-    let rest = &*rest;
+    if s.is_empty() {
+        return dw;
+    }
+    // G^T S G per filter, vectorised over input channels: 16 rows of `s` in, 9 planes out,
+    // then written filter by filter.
     let one = |(o, dw): (usize, &mut [T])| {
-        let row = o * 16 * ci;
-        for i in 0..ci {
-            let mut p = [T::zero(); 16];
-            for (xi, p) in p.iter_mut().enumerate() {
-                *p = s[row + xi * ci + i];
-                for r in rest {
-                    *p += r[row + xi * ci + i];
-                }
+        let src: [&[T]; 16] = std::array::from_fn(|xi| &s[(o * 16 + xi) * ci..][..ci]);
+        let mut planes = vec![T::zero(); 9 * ci];
+        {
+            let mut rows = planes.chunks_exact_mut(ci);
+            let mut dst: [&mut [T]; 9] = std::array::from_fn(|_| rows.next().expect("9 planes"));
+            lanes(&src, &mut dst, filter_grad_transform);
+        }
+        for (i, f) in dw.chunks_exact_mut(9).enumerate() {
+            for (k, f) in f.iter_mut().enumerate() {
+                *f = planes[k * ci + i];
             }
-            dw[i * 9..][..9].copy_from_slice(&filter_grad_transform(p));
         }
     };
     if co * ci < 4096 {
@@ -626,6 +654,23 @@ pub(super) fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
         dw.par_chunks_mut(9 * ci).enumerate().for_each(one);
     }
     dw
+}
+
+/// The elementwise sum of equally long `parts`, added in place on rayon's pool.
+fn sum<T: WithDType>(mut parts: Vec<Vec<T>>) -> Vec<T> {
+    let Some(mut total) = parts.pop() else {
+        return Vec::new();
+    };
+    if !parts.is_empty() {
+        total.par_chunks_mut(PAR_MIN).enumerate().for_each(|(c, chunk)| {
+            for part in &parts {
+                for (a, &b) in chunk.iter_mut().zip(&part[c * PAR_MIN..]) {
+                    *a += b;
+                }
+            }
+        });
+    }
+    total
 }
 
 #[cfg(test)]
@@ -652,6 +697,8 @@ mod tests {
             (5, 70, 4, 4, 3),
             (33, 16, 6, 6, 16),
             (2, 64, 4, 5, 72),
+            // More output channels than tiles, and more tiles than one block holds.
+            (10, 1, 4, 4, 4000),
         ]
         .iter()
         .enumerate()
