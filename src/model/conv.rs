@@ -685,19 +685,21 @@ fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
         partial(t, &mut dw_t, fresh);
         dw_t
     };
-    let tasks = g.b.div_ceil(c);
-    let parts: Vec<Vec<T>> = if tasks == 1 {
-        // Handing one task to the pool would only add a thread wake-up.
-        vec![add(Vec::new(), 0)]
-    } else {
-        // One sum per piece of work rayon splits off (about one per thread), not one per task.
-        (0..tasks)
-            .into_par_iter()
-            .fold(Vec::new, &add)
-            .filter(|p| !p.is_empty())
-            .collect()
-    };
-    sum_transposed(parts, kd, g.c_out)
+    sum_transposed(partial_sums(g.b.div_ceil(c), add), kd, g.c_out)
+}
+
+/// `add(part, t)` for the tasks `t` in `0..tasks`, with one part per piece of work rayon splits
+/// off (about one per thread), not one per task; `add` gets an empty part to start each piece. A
+/// lone task runs on the calling thread: handing it to the pool would only add a thread wake-up.
+pub(super) fn partial_sums<T: Send>(tasks: usize, add: impl Fn(Vec<T>, usize) -> Vec<T> + Sync + Send) -> Vec<Vec<T>> {
+    if tasks == 1 {
+        return vec![add(Vec::new(), 0)];
+    }
+    (0..tasks)
+        .into_par_iter()
+        .fold(Vec::new, &add)
+        .filter(|p| !p.is_empty())
+        .collect()
 }
 
 /// The sum of `parts`, each a row-major `[rows, cols]` matrix, transposed to `[cols, rows]`, on

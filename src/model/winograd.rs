@@ -23,7 +23,7 @@ use candle_core::WithDType;
 use rayon::prelude::*;
 use std::ops::Range;
 
-use super::conv::{Geom, Mat, PAR_MIN, matmul, matmul_into, with_cols, zeros};
+use super::conv::{Geom, Mat, PAR_MIN, matmul, matmul_into, partial_sums, with_cols, zeros};
 
 /// Whether a convolution runs here rather than through im2col: 3x3, stride 1, padding 1, a batch
 /// (one image keeps the two-thread im2col path of attacks), and channels enough on both sides for
@@ -617,16 +617,7 @@ pub(super) fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
             product(blk * nb..((blk + 1) * nb).min(n), 0..co, &mut s, fresh);
             s
         };
-        let parts = if blocks == 1 {
-            vec![add(Vec::new(), 0)]
-        } else {
-            (0..blocks)
-                .into_par_iter()
-                .fold(Vec::new, &add)
-                .filter(|p| !p.is_empty())
-                .collect()
-        };
-        sum(parts)
+        sum(partial_sums(blocks, add))
     };
     let mut dw = vec![T::zero(); co * ci * 9];
     if s.is_empty() {
