@@ -707,27 +707,15 @@ pub(super) fn partial_sums<T: Send>(tasks: usize, add: impl Fn(Vec<T>, usize) ->
 /// writes stay in cache. An element-by-element transpose of the last stage's `[4608, 512]` weight
 /// gradient on one thread, one cache miss per write, took a quarter of that layer's
 /// weight-gradient time.
-fn sum_transposed<T: WithDType>(mut parts: Vec<Vec<T>>, rows: usize, cols: usize) -> Vec<T> {
+fn sum_transposed<T: WithDType>(parts: Vec<Vec<T>>, rows: usize, cols: usize) -> Vec<T> {
     const TILE: usize = 16;
     let n = rows * cols;
-    let Some((sum, rest)) = parts.split_first_mut() else {
-        return vec![T::zero(); n];
-    };
-    if !rest.is_empty() {
-        sum.par_chunks_mut(PAR_MIN).enumerate().for_each(|(c, chunk)| {
-            for part in rest.iter() {
-                for (a, &b) in chunk.iter_mut().zip(&part[c * PAR_MIN..]) {
-                    *a += b;
-                }
-            }
-        });
-    }
-    let sum = &*sum;
+    let sum = sum_parts(parts);
     let mut out = vec![T::zero(); n];
-    if n == 0 {
+    if n == 0 || sum.is_empty() {
         return out;
     }
-    let tile = |t: usize, block: &mut [T]| {
+    for_chunks(&mut out, TILE * rows, |t, block| {
         let o0 = t * TILE;
         for i0 in (0..rows).step_by(TILE) {
             let i1 = (i0 + TILE).min(rows);
@@ -737,15 +725,38 @@ fn sum_transposed<T: WithDType>(mut parts: Vec<Vec<T>>, rows: usize, cols: usize
                 }
             }
         }
-    };
-    if n < PAR_MIN {
-        out.chunks_mut(TILE * rows).enumerate().for_each(|(t, b)| tile(t, b));
-    } else {
-        out.par_chunks_mut(TILE * rows)
-            .enumerate()
-            .for_each(|(t, b)| tile(t, b));
-    }
+    });
     out
+}
+
+/// The elementwise sum of equally long `parts`: the others added onto the first, in place, on
+/// rayon's pool. Empty when there are no parts.
+pub(super) fn sum_parts<T: WithDType>(parts: Vec<Vec<T>>) -> Vec<T> {
+    let mut parts = parts.into_iter();
+    let Some(mut sum) = parts.next() else {
+        return Vec::new();
+    };
+    let rest: Vec<Vec<T>> = parts.collect();
+    if !rest.is_empty() {
+        sum.par_chunks_mut(PAR_MIN).enumerate().for_each(|(c, chunk)| {
+            for part in &rest {
+                for (a, &b) in chunk.iter_mut().zip(&part[c * PAR_MIN..]) {
+                    *a += b;
+                }
+            }
+        });
+    }
+    sum
+}
+
+/// `f(i, chunk)` for every chunk `i` of `size` values of `v`: on rayon's pool when `v` holds
+/// `PAR_MIN` values or more, on the calling thread below that.
+pub(super) fn for_chunks<T: Send>(v: &mut [T], size: usize, f: impl Fn(usize, &mut [T]) + Send + Sync) {
+    if v.len() < PAR_MIN {
+        v.chunks_mut(size).enumerate().for_each(|(i, c)| f(i, c));
+    } else {
+        v.par_chunks_mut(size).enumerate().for_each(|(i, c)| f(i, c));
+    }
 }
 
 /// `conv(x, w)` over plain slices, for code that keeps its own buffers: `x` `[b, c_in, h, w]`

@@ -23,7 +23,7 @@ use candle_core::WithDType;
 use rayon::prelude::*;
 use std::ops::Range;
 
-use super::conv::{Geom, Mat, PAR_MIN, matmul, matmul_into, partial_sums, with_cols, zeros};
+use super::conv::{Geom, Mat, for_chunks, matmul, matmul_into, partial_sums, sum_parts, with_cols, zeros};
 
 /// Whether a convolution runs here rather than through im2col: 3x3, stride 1, padding 1, a batch
 /// (one image keeps the two-thread im2col path of attacks), and channels enough on both sides for
@@ -250,19 +250,14 @@ fn filter_grad_transform<T: WithDType>(s: [T; 16]) -> [T; 9] {
 /// the `[c_out, c_in]` matrix at offset `xi * c_in` with rows `16 * c_in` apart.
 fn filters<T: WithDType>(w: &[T], c_out: usize, c_in: usize) -> Vec<T> {
     let mut u = vec![T::zero(); c_out * 16 * c_in];
-    let one = |(o, u): (usize, &mut [T])| {
+    for_chunks(&mut u, 16 * c_in, |o, u| {
         for i in 0..c_in {
             let e = filter_transform(&w[(o * c_in + i) * 9..][..9]);
             for (xi, e) in e.into_iter().enumerate() {
                 u[xi * c_in + i] = e;
             }
         }
-    };
-    if c_out * c_in < 4096 {
-        u.chunks_mut(16 * c_in).enumerate().for_each(one);
-    } else {
-        u.par_chunks_mut(16 * c_in).enumerate().for_each(one);
-    }
+    });
     u
 }
 
@@ -276,7 +271,7 @@ fn turned_filters<T: WithDType>(w: &[T], c_out: usize, c_in: usize) -> Vec<T> {
     // (a piece per input channel read them `9 * c_in` values apart, a cache miss each).
     const CHANS: usize = 16;
     let mut u = vec![T::zero(); c_in * 16 * c_out];
-    let piece = |(p, u): (usize, &mut [T])| {
+    for_chunks(&mut u, CHANS * 16 * c_out, |p, u| {
         let i0 = p * CHANS;
         let n = u.len() / (16 * c_out);
         // Sixteen output channels at a time, so that every write fills a run of 16 values (one
@@ -296,12 +291,7 @@ fn turned_filters<T: WithDType>(w: &[T], c_out: usize, c_in: usize) -> Vec<T> {
                 }
             }
         }
-    };
-    if c_out * c_in < 4096 {
-        u.chunks_mut(CHANS * 16 * c_out).enumerate().for_each(piece);
-    } else {
-        u.par_chunks_mut(CHANS * 16 * c_out).enumerate().for_each(piece);
-    }
+    });
     u
 }
 
@@ -617,7 +607,7 @@ pub(super) fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
             product(blk * nb..((blk + 1) * nb).min(n), 0..co, &mut s, fresh);
             s
         };
-        sum(partial_sums(blocks, add))
+        sum_parts(partial_sums(blocks, add))
     };
     let mut dw = vec![T::zero(); co * ci * 9];
     if s.is_empty() {
@@ -625,7 +615,7 @@ pub(super) fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
     }
     // G^T S G per filter, vectorised over input channels: 16 rows of `s` in, 9 planes out,
     // then written filter by filter.
-    let one = |(o, dw): (usize, &mut [T])| {
+    for_chunks(&mut dw, 9 * ci, |o, dw| {
         let src: [&[T]; 16] = std::array::from_fn(|xi| &s[(o * 16 + xi) * ci..][..ci]);
         let mut planes = vec![T::zero(); 9 * ci];
         {
@@ -638,30 +628,8 @@ pub(super) fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
                 *f = planes[k * ci + i];
             }
         }
-    };
-    if co * ci < 4096 {
-        dw.chunks_mut(9 * ci).enumerate().for_each(one);
-    } else {
-        dw.par_chunks_mut(9 * ci).enumerate().for_each(one);
-    }
+    });
     dw
-}
-
-/// The elementwise sum of equally long `parts`, added in place on rayon's pool.
-fn sum<T: WithDType>(mut parts: Vec<Vec<T>>) -> Vec<T> {
-    let Some(mut total) = parts.pop() else {
-        return Vec::new();
-    };
-    if !parts.is_empty() {
-        total.par_chunks_mut(PAR_MIN).enumerate().for_each(|(c, chunk)| {
-            for part in &parts {
-                for (a, &b) in chunk.iter_mut().zip(&part[c * PAR_MIN..]) {
-                    *a += b;
-                }
-            }
-        });
-    }
-    total
 }
 
 #[cfg(test)]
