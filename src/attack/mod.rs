@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub use loss::Objective;
 
-use crate::model::plain::PlainSmallCnn;
+use crate::model::plain::Plain;
 use crate::model::{Forward, ModelError, Network};
 use crate::observe::Outcome;
 
@@ -42,7 +42,7 @@ pub trait Classifier {
 
     /// The hand-written inference path of [`crate::model::plain`], where the model has one;
     /// attacks take their gradients from it instead of autograd.
-    fn plain(&self) -> std::result::Result<Option<Arc<PlainSmallCnn>>, ModelError> {
+    fn plain(&self) -> std::result::Result<Option<Arc<Plain>>, ModelError> {
         Ok(None)
     }
 }
@@ -51,7 +51,7 @@ pub trait Classifier {
 /// it copies every weight out of its tensor and folds the BatchNorms).
 struct Snapshot<'a> {
     model: &'a dyn Classifier,
-    plain: Option<Arc<PlainSmallCnn>>,
+    plain: Option<Arc<Plain>>,
 }
 
 impl<'a> Snapshot<'a> {
@@ -68,7 +68,7 @@ impl Classifier for Snapshot<'_> {
         self.model.forward(xs)
     }
 
-    fn plain(&self) -> std::result::Result<Option<Arc<PlainSmallCnn>>, ModelError> {
+    fn plain(&self) -> std::result::Result<Option<Arc<Plain>>, ModelError> {
         Ok(self.plain.clone())
     }
 }
@@ -78,7 +78,7 @@ impl Classifier for Network {
         Network::forward(self, xs, crate::model::Mode::Eval)
     }
 
-    fn plain(&self) -> std::result::Result<Option<Arc<PlainSmallCnn>>, ModelError> {
+    fn plain(&self) -> std::result::Result<Option<Arc<Plain>>, ModelError> {
         Ok(Network::plain(self)?.map(Arc::new))
     }
 }
@@ -442,7 +442,7 @@ pub fn loss_and_grad(
 /// `loss::objective` (on the `[b, classes]` logits, with autograd for their gradient), so both
 /// routes climb exactly the same function.
 fn plain_loss_and_grad(
-    plain: &PlainSmallCnn,
+    plain: &Plain,
     x: &Tensor,
     labels: &[u32],
     target: Option<&[u32]>,
@@ -467,7 +467,7 @@ fn plain_loss_and_grad(
 /// objective sees the logits and type logits (as leaves of a small autograd graph), not the
 /// signals.
 pub(crate) fn plain_objective_grad(
-    plain: &PlainSmallCnn,
+    plain: &Plain,
     x: &Tensor,
     objective: &dyn Fn(&Forward) -> candle_core::Result<Tensor>,
 ) -> Result<(Vec<f32>, Tensor, Vec<f32>)> {

@@ -375,15 +375,19 @@ impl Network {
     }
 
     /// A snapshot of the network for [`plain`]'s hand-written inference and input gradient: the
-    /// small CNN with f32 weights on the CPU; `None` for anything else.
-    pub fn plain(&self) -> Result<Option<plain::PlainSmallCnn>> {
+    /// small CNN (static or AW-Net) and the static ResNet-18, with f32 weights on the CPU; `None`
+    /// for anything else.
+    pub fn plain(&self) -> Result<Option<plain::Plain>> {
         match &self.backbone {
-            Backbone::Small(b) if b.is_cpu_f32() => Ok(Some(plain::PlainSmallCnn::new(
+            Backbone::Small(b) if b.is_cpu_f32() => Ok(Some(plain::Plain::SmallCnn(plain::PlainSmallCnn::new(
                 b,
                 self.router.as_ref(),
                 self.in_channels,
                 self.image_size,
-            )?)),
+            )?))),
+            Backbone::ResNet(r) if self.router.is_none() && r.is_cpu_f32() => {
+                Ok(plain::PlainResnet::new(r, self.in_channels, self.image_size)?.map(plain::Plain::Resnet))
+            }
             _ => Ok(None),
         }
     }

@@ -27,6 +27,40 @@ use super::pair;
 use super::router::Router;
 use super::small_cnn::SmallCnn;
 
+mod resnet;
+
+pub use resnet::PlainResnet;
+
+/// A network's hand-written inference path and input gradient, where it has one.
+pub enum Plain {
+    SmallCnn(PlainSmallCnn),
+    Resnet(PlainResnet),
+}
+
+impl Plain {
+    /// Inference on `b` images `[b, c, h, w]` in [0, 1].
+    pub fn forward(&self, x: &[f32], b: usize) -> Result<PlainOutput> {
+        match self {
+            Plain::SmallCnn(p) => p.forward(x, b),
+            Plain::Resnet(p) => p.forward(x, b),
+        }
+    }
+
+    /// The forward pass, and the gradient with respect to the input of `sum(dlogits * logits) +
+    /// sum(dtype * type_logits)`, where `grads` maps the forward's output to `(dlogits, dtype)`.
+    pub fn input_grad(
+        &self,
+        x: &[f32],
+        b: usize,
+        grads: impl FnOnce(&PlainOutput) -> Result<(Vec<f32>, Option<Vec<f32>>)>,
+    ) -> Result<(PlainOutput, Vec<f32>)> {
+        match self {
+            Plain::SmallCnn(p) => p.input_grad(x, b, grads),
+            Plain::Resnet(p) => p.input_grad(x, b, grads),
+        }
+    }
+}
+
 fn values(t: &Tensor) -> Result<Vec<f32>> {
     t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
 }

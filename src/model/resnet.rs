@@ -14,13 +14,13 @@ use super::norm::{Norm, NormCtx};
 use super::{ConvInfo, ModelConfig, ModelKind};
 
 #[derive(Clone, Debug)]
-struct BasicBlock {
+pub(super) struct BasicBlock {
     name: String,
-    conv1: Conv2d,
-    bn1: Norm,
-    conv2: Conv2d,
-    bn2: Norm,
-    shortcut: Option<(Conv2d, Norm)>,
+    pub(super) conv1: Conv2d,
+    pub(super) bn1: Norm,
+    pub(super) conv2: Conv2d,
+    pub(super) bn2: Norm,
+    pub(super) shortcut: Option<(Conv2d, Norm)>,
     planes: usize,
 }
 
@@ -46,10 +46,10 @@ impl BasicBlock {
 
 #[derive(Clone, Debug)]
 pub struct ResNet18 {
-    conv1: Conv2d,
-    bn1: Norm,
-    blocks: Vec<BasicBlock>,
-    linear: Linear,
+    pub(super) conv1: Conv2d,
+    pub(super) bn1: Norm,
+    pub(super) blocks: Vec<BasicBlock>,
+    pub(super) linear: Linear,
     image_size: usize,
 }
 
@@ -97,6 +97,11 @@ impl ResNet18 {
             linear,
             image_size,
         })
+    }
+
+    pub fn is_cpu_f32(&self) -> bool {
+        let w = self.conv1.weight();
+        w.device().is_cpu() && w.dtype() == candle_core::DType::F32
     }
 
     pub fn signal_sizes(&self) -> Vec<usize> {

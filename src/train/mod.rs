@@ -366,7 +366,8 @@ fn craft(
 ) -> Result<Tensor> {
     let step = cfg.attack_step_size.unwrap_or(cfg.eps / 4.0);
     let mut adv = attack::project_linf(&start, xs, cfg.eps)?;
-    // The small CNN in f32 on the CPU takes the hand-written path, as attacks do.
+    // The small CNN and the static ResNet-18, in f32 on the CPU, take the hand-written path, as
+    // attacks do.
     let plain = if xs.dtype() == DType::F32 && xs.device().is_cpu() {
         net.plain()?
     } else {
