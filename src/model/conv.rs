@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, W
 use std::any::Any;
 use std::cell::RefCell;
 use std::ops::Range;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use rayon::prelude::*;
 
@@ -495,9 +495,9 @@ fn paired(g: &Geom) -> bool {
     g.b == 1 && !g.is_pointwise() && g.c_in >= 2 && pair::available()
 }
 
-fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T], kept: Option<&Kept<T>>) -> Vec<T> {
     if winograd::applies(g) {
-        return winograd::forward(g, x, w);
+        return winograd::forward(g, x, w, kept.map(|k| &k.forward));
     }
     let masks = g.same_masks();
     let (kd, hwo) = (g.kdim(), g.hw_out());
@@ -562,9 +562,9 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
 }
 
 /// `dx` from the output gradient `dy` `[b, c_out, h_out, w_out]` and the weight.
-fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
+fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T], kept: Option<&Kept<T>>) -> Vec<T> {
     if winograd::applies(g) {
-        return winograd::input_grad(g, dy, w);
+        return winograd::input_grad(g, dy, w, kept.map(|k| &k.turned));
     }
     let masks = g.same_masks();
     let (kd, hwo) = (g.kdim(), g.hw_out());
@@ -759,6 +759,25 @@ pub(super) fn for_chunks<T: Send>(v: &mut [T], size: usize, f: impl Fn(usize, &m
     }
 }
 
+/// What the kernels derive from a filter bank, kept by code whose weights do not change between
+/// calls (an attack's snapshot, over its many steps): Winograd's transformed filters, for the
+/// forward pass and the input gradient, each made on first use. Each is 16/9 of the weights; on
+/// ResNet-18's 512-channel layers, making one cost as much as a quarter of the layer's forward
+/// pass. A `Kept` belongs to one `w`: passing it with other weights gives wrong results.
+pub(crate) struct Kept<T> {
+    forward: OnceLock<Vec<T>>,
+    turned: OnceLock<Vec<T>>,
+}
+
+impl<T> Default for Kept<T> {
+    fn default() -> Self {
+        Self {
+            forward: OnceLock::new(),
+            turned: OnceLock::new(),
+        }
+    }
+}
+
 /// `conv(x, w)` over plain slices, for code that keeps its own buffers: `x` `[b, c_in, h, w]`
 /// and `w` `[c_out, c_in, k, k]` give `[b, c_out, h_out, w_out]`, returned with its shape.
 pub(crate) fn forward_slices<T: WithDType>(
@@ -768,12 +787,13 @@ pub(crate) fn forward_slices<T: WithDType>(
     w_dims: [usize; 4],
     stride: usize,
     pad: usize,
+    kept: Option<&Kept<T>>,
 ) -> Result<(Vec<T>, [usize; 4])> {
     let g = Geom::new(&x_dims, &w_dims, stride, pad)?;
     if x.len() != x_dims.iter().product::<usize>() || w.len() != w_dims.iter().product::<usize>() {
         bail!("convolution buffers do not match their shapes {x_dims:?} and {w_dims:?}")
     }
-    Ok((forward(&g, x, w), [g.b, g.c_out, g.h_out, g.w_out]))
+    Ok((forward(&g, x, w, kept), [g.b, g.c_out, g.h_out, g.w_out]))
 }
 
 /// The input gradient of [`forward_slices`]: `dy` `[b, c_out, h_out, w_out]` to `[b, c_in, h, w]`
@@ -785,12 +805,13 @@ pub(crate) fn input_grad_slices<T: WithDType>(
     w_dims: [usize; 4],
     stride: usize,
     pad: usize,
+    kept: Option<&Kept<T>>,
 ) -> Result<Vec<T>> {
     let g = Geom::new(&x_dims, &w_dims, stride, pad)?;
     if dy.len() != g.b * g.c_out * g.hw_out() || w.len() != w_dims.iter().product::<usize>() {
         bail!("convolution gradient buffers do not match the shapes {x_dims:?} and {w_dims:?}")
     }
-    Ok(input_grad(&g, dy, w))
+    Ok(input_grad(&g, dy, w, kept))
 }
 
 /// A contiguous slice of a CPU storage of dtype `T`.
@@ -825,7 +846,7 @@ impl ConvOp {
         Ok(match self.kernel {
             Kernel::Forward => {
                 let g = Geom::new(la.dims(), lb.dims(), s, p)?;
-                (forward(&g, a, b), Shape::from((g.b, g.c_out, g.h_out, g.w_out)))
+                (forward(&g, a, b, None), Shape::from((g.b, g.c_out, g.h_out, g.w_out)))
             }
             Kernel::InputGrad { h, w } => {
                 let (&[bs, _, _, _], &[c_out, c_in, k, _]) = (la.dims(), lb.dims()) else {
@@ -839,7 +860,7 @@ impl ConvOp {
                 if la.dims() != [bs, c_out, g.h_out, g.w_out] || k != g.k {
                     bail!("input gradient of a convolution: gradient {:?} for {g:?}", la.dims())
                 }
-                (input_grad(&g, a, b), Shape::from((bs, c_in, h, w)))
+                (input_grad(&g, a, b, None), Shape::from((bs, c_in, h, w)))
             }
             Kernel::WeightGrad { k } => {
                 let (&[bs, c_out, _, _], xd) = (la.dims(), lb.dims()) else {

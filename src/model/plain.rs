@@ -20,7 +20,7 @@ use std::ops::Range;
 use candle_core::{DType, Result, Tensor, bail};
 use rayon::prelude::*;
 
-use super::conv::{PAR_MIN, forward_slices, input_grad_slices, zeros};
+use super::conv::{Kept, PAR_MIN, forward_slices, input_grad_slices, zeros};
 use super::layers::{Conv2d, Linear};
 use super::norm::Norm;
 use super::pair;
@@ -71,6 +71,8 @@ struct PConv {
     bias: Option<Vec<f32>>,
     stride: usize,
     pad: usize,
+    /// The kernels' forms of `w`, made once for the snapshot's many passes.
+    kept: Kept<f32>,
 }
 
 impl PConv {
@@ -82,11 +84,12 @@ impl PConv {
             bias: c.bias().map(values).transpose()?,
             stride: c.stride(),
             pad: c.padding(),
+            kept: Kept::default(),
         })
     }
 
     fn forward(&self, x: &[f32], x_dims: [usize; 4]) -> Result<(Vec<f32>, [usize; 4])> {
-        let (mut y, d) = forward_slices(x, x_dims, &self.w, self.w_dims, self.stride, self.pad)?;
+        let (mut y, d) = forward_slices(x, x_dims, &self.w, self.w_dims, self.stride, self.pad, Some(&self.kept))?;
         if let Some(bias) = &self.bias {
             let hw = d[2] * d[3];
             let add = |(p, plane): (usize, &mut [f32])| {
@@ -103,7 +106,15 @@ impl PConv {
     }
 
     fn input_grad(&self, dy: &[f32], x_dims: [usize; 4]) -> Result<Vec<f32>> {
-        input_grad_slices(dy, x_dims, &self.w, self.w_dims, self.stride, self.pad)
+        input_grad_slices(
+            dy,
+            x_dims,
+            &self.w,
+            self.w_dims,
+            self.stride,
+            self.pad,
+            Some(&self.kept),
+        )
     }
 }
 

@@ -22,6 +22,7 @@
 use candle_core::WithDType;
 use rayon::prelude::*;
 use std::ops::Range;
+use std::sync::OnceLock;
 
 use super::conv::{Geom, Mat, for_chunks, matmul, matmul_into, partial_sums, sum_parts, with_cols, zeros};
 
@@ -523,8 +524,15 @@ fn correlate<T: WithDType>(
 }
 
 /// `conv(x, w)`, `[b, c_in, h, w]` to `[b, c_out, h, w]`.
-pub(super) fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
-    let u = filters(w, g.c_out, g.c_in);
+pub(super) fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T], kept: Option<&OnceLock<Vec<T>>>) -> Vec<T> {
+    let made;
+    let u = match kept {
+        Some(k) => k.get_or_init(|| filters(w, g.c_out, g.c_in)),
+        None => {
+            made = filters(w, g.c_out, g.c_in);
+            &made
+        }
+    };
     let ci = g.c_in;
     correlate(&Tiles::new(g.b, g.h, g.w), x, ci, g.c_out, |xi, o0| Mat {
         ptr: u[o0 * 16 * ci + xi * ci..].as_ptr(),
@@ -535,8 +543,15 @@ pub(super) fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
 
 /// `dx` `[b, c_in, h, w]` from `dy` `[b, c_out, h, w]`: the convolution of `dy` with the filters
 /// `w'[i, o] = rot180(w[o, i])`.
-pub(super) fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
-    let u = turned_filters(w, g.c_out, g.c_in);
+pub(super) fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T], kept: Option<&OnceLock<Vec<T>>>) -> Vec<T> {
+    let made;
+    let u = match kept {
+        Some(k) => k.get_or_init(|| turned_filters(w, g.c_out, g.c_in)),
+        None => {
+            made = turned_filters(w, g.c_out, g.c_in);
+            &made
+        }
+    };
     let co = g.c_out;
     correlate(&Tiles::new(g.b, g.h, g.w), dy, co, g.c_in, |xi, i0| Mat {
         ptr: u[i0 * 16 * co + xi * co..].as_ptr(),
@@ -674,12 +689,18 @@ mod tests {
                 let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
                 assert!(d < 1e-10, "{what}, case {case}: {d}");
             };
-            close(forward(&g, &xs, &ws), flat(&y), "forward");
-            close(
-                input_grad(&g, &ps, &ws),
-                flat(grads.get(x.as_tensor()).unwrap()),
-                "input gradient",
-            );
+            // Without kept transforms, then twice with: the first call makes them, the second
+            // reads them.
+            let (fwd, turned) = (OnceLock::new(), OnceLock::new());
+            for kept in [None, Some(()), Some(())] {
+                let (fwd, turned) = (kept.map(|_| &fwd), kept.map(|_| &turned));
+                close(forward(&g, &xs, &ws, fwd), flat(&y), "forward");
+                close(
+                    input_grad(&g, &ps, &ws, turned),
+                    flat(grads.get(x.as_tensor()).unwrap()),
+                    "input gradient",
+                );
+            }
             close(
                 weight_grad(&g, &ps, &xs),
                 flat(grads.get(wt.as_tensor()).unwrap()),
@@ -695,8 +716,8 @@ mod tests {
         let x = flat(&rand(&[b, ci, h, w], 1));
         let wt = flat(&rand(&[co, ci, 3, 3], 2));
         let f32s = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
-        let a = forward(&g, &x, &wt);
-        let b32 = forward(&g, &f32s(&x), &f32s(&wt));
+        let a = forward(&g, &x, &wt, None);
+        let b32 = forward(&g, &f32s(&x), &f32s(&wt), None);
         let d = a
             .iter()
             .zip(&b32)
