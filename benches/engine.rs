@@ -2,7 +2,7 @@
 //! installed (`benches/pytorch_reference.py` implements the same models and steps).
 //!
 //! Workloads, on real Fashion-MNIST images (the bundled subset), batch 128 unless said:
-//! inference; a standard training step; a PGD-10 adversarial training step (PGD-AT); an AW-Net
+//! inference (as an evaluation runs it, through one snapshot of the weights); a standard training step; a PGD-10 adversarial training step (PGD-AT); an AW-Net
 //! distillation step with two teachers; one PGD-20 attack on one image (latency); PGD-20 on
 //! 1,000 images; peak memory. Each number is the median of several timed runs after a warm-up.
 //! Set AWNET_BENCH_PYTHON to the Python that has PyTorch (default `python3`),
@@ -88,7 +88,9 @@ fn main() {
             if !want(key) {
                 continue;
             }
-            let net = m.frozen().unwrap();
+            // As an evaluation predicts: through one snapshot of the weights for all its batches.
+            let frozen = m.frozen().unwrap();
+            let net = attack::Snapshot::new(&frozen).unwrap();
             let s = time(2, 7, || {
                 attack::predict(&net, &xs).unwrap();
             });
@@ -195,7 +197,8 @@ fn main() {
             Model::new(c, 4, DType::F32, &Device::Cpu).expect("ResNet-18 builds")
         };
         if want("resnet18_infer") {
-            let net = resnet().frozen().unwrap();
+            let frozen = resnet().frozen().unwrap();
+            let net = attack::Snapshot::new(&frozen).unwrap();
             let s = time(1, 5, || {
                 attack::predict(&net, &xr).unwrap();
             });
@@ -264,6 +267,8 @@ fn main() {
             let all: Vec<usize> = (0..1000).collect();
             let labels: Vec<u32> = all.iter().map(|&i| u32::from(ds.labels[i])).collect();
             let s = time(0, 1, || {
+                // As `eval::evaluate` runs: one snapshot for all batches.
+                let net = attack::Snapshot::new(&net).unwrap();
                 for chunk in all.chunks(128) {
                     let x = ds.images_tensor(chunk, &dev).unwrap();
                     let y = &labels[chunk[0]..chunk[0] + chunk.len()];

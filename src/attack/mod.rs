@@ -45,17 +45,24 @@ pub trait Classifier {
     fn plain(&self) -> std::result::Result<Option<Arc<Plain>>, ModelError> {
         Ok(None)
     }
+
+    /// The plain path if it is made already (a [`Snapshot`]'s): [`predict`] runs through it.
+    fn prepared(&self) -> Option<&Plain> {
+        None
+    }
 }
 
-/// A model with its plain snapshot taken once, for the many gradient steps of one attack (taking
-/// it copies every weight out of its tensor and folds the BatchNorms).
-struct Snapshot<'a> {
+/// A model with its plain path made once (taking it copies every weight out of its tensor, folds
+/// the BatchNorms and, on first use, transforms the Winograd layers' filters), for the many
+/// gradient steps of one attack or the many batches of one evaluation. The model's weights must
+/// not change while it lives.
+pub struct Snapshot<'a> {
     model: &'a dyn Classifier,
     plain: Option<Arc<Plain>>,
 }
 
 impl<'a> Snapshot<'a> {
-    fn new(model: &'a dyn Classifier) -> Result<Self> {
+    pub fn new(model: &'a dyn Classifier) -> Result<Self> {
         Ok(Self {
             model,
             plain: model.plain()?,
@@ -70,6 +77,10 @@ impl Classifier for Snapshot<'_> {
 
     fn plain(&self) -> std::result::Result<Option<Arc<Plain>>, ModelError> {
         Ok(self.plain.clone())
+    }
+
+    fn prepared(&self) -> Option<&Plain> {
+        self.plain.as_deref()
     }
 }
 
@@ -398,9 +409,31 @@ pub fn run(
     }
 }
 
-/// Class predictions, `[b]`.
+/// Class predictions, `[b]`: through the plain path when the model has it made (a
+/// [`Snapshot`]), else through candle's graph.
 pub fn predict(model: &dyn Classifier, xs: &Tensor) -> Result<Vec<u32>> {
+    if let Some(plain) = model.prepared()
+        && xs.dtype() == DType::F32
+        && xs.device().is_cpu()
+    {
+        let b = xs.dim(0)?;
+        let logits = plain.forward(&xs.flatten_all()?.to_vec1::<f32>()?, b)?.logits;
+        return Ok(argmax_rows(&logits, b));
+    }
     Ok(model.forward(xs)?.logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
+}
+
+/// The class of each of `b` rows of logits: its first maximum, as candle's argmax.
+fn argmax_rows(logits: &[f32], b: usize) -> Vec<u32> {
+    let k = logits.len() / b.max(1);
+    logits
+        .chunks(k.max(1))
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .fold(0, |m, (i, v)| if *v > row[m] { i } else { m }) as u32
+        })
+        .collect()
 }
 
 /// Has each example reached the attacker's goal (misclassified, or at its target)?
@@ -449,17 +482,7 @@ fn plain_loss_and_grad(
     obj: Objective,
 ) -> Result<(Vec<f32>, Tensor, Vec<u32>)> {
     let (losses, grad, logits) = plain_objective_grad(plain, x, &|fwd| loss::objective(fwd, labels, target, obj))?;
-    let k = logits.len() / x.dim(0)?.max(1);
-    let pred = logits
-        .chunks(k)
-        .map(|row| {
-            // The first maximum, as candle's argmax.
-            row.iter()
-                .enumerate()
-                .fold(0, |m, (i, v)| if *v > row[m] { i } else { m }) as u32
-        })
-        .collect();
-    Ok((losses, grad, pred))
+    Ok((losses, grad, argmax_rows(&logits, x.dim(0)?)))
 }
 
 /// The per-example `objective` of the model's output and its gradient with respect to the input

@@ -435,6 +435,16 @@ pub fn evaluate(
             return Err(EvalError::Settings("a transfer attack needs a source model".into()));
         }
     }
+    // One snapshot for the whole evaluation: the plain path's weights (and Winograd's filters)
+    // made once for every batch's predictions and attacks, not once per batch.
+    let snapshot = attack::Snapshot::new(subject.model)?;
+    let subject = &Subject {
+        model: &snapshot,
+        is_awnet: subject.is_awnet,
+        name: subject.name.clone(),
+        file: subject.file.clone(),
+        sha256: subject.sha256.clone(),
+    };
     let images = Images {
         data,
         indices: (0..n).collect(),
