@@ -224,6 +224,7 @@ struct Tape {
 
 struct StageTape {
     in_dims: [usize; 4],
+    /// The convolution's output (empty without a router, whose gradients alone read it).
     z: Vec<f32>,
     z_dims: [usize; 4],
     /// After the ReLU, before pooling.
@@ -325,7 +326,14 @@ impl PlainSmallCnn {
             let (z, zd) = stage.conv.forward(input, dims)?;
             let (ch, hw) = (zd[1], zd[2] * zd[3]);
             let mut a = vec![0f32; b * ch];
-            let mut y = zeros(z.len());
+            // Only the router's gradients read `z` again: a static model's ReLU output
+            // overwrites it.
+            let (z, mut y) = if self.router.is_some() {
+                let y = zeros(z.len());
+                (z, y)
+            } else {
+                (Vec::new(), z)
+            };
             let sample = |bi: usize, (y, a): (&mut [f32], &mut [f32])| {
                 let p = tape.p_clean[bi];
                 for ci in 0..ch {
@@ -335,9 +343,13 @@ impl PlainSmallCnn {
                     }
                     let shift = PNorm::mixed(&stage.norm.shift, p, ci);
                     a[ci] = scale;
-                    let z = &z[(bi * ch + ci) * hw..][..hw];
-                    for (y, z) in y[ci * hw..(ci + 1) * hw].iter_mut().zip(z) {
-                        *y = (z * scale + shift).max(0.0);
+                    let y = &mut y[ci * hw..(ci + 1) * hw];
+                    if z.is_empty() {
+                        y.iter_mut().for_each(|y| *y = (*y * scale + shift).max(0.0));
+                    } else {
+                        for (y, z) in y.iter_mut().zip(&z[(bi * ch + ci) * hw..][..hw]) {
+                            *y = (z * scale + shift).max(0.0);
+                        }
                     }
                 }
             };
@@ -397,7 +409,7 @@ impl PlainSmallCnn {
         for (i, (stage, st)) in self.stages.iter().zip(&tape.stages).enumerate().rev() {
             let dy = if stage.pool { unpool(&dh, &st.y, st.z_dims) } else { dh };
             let (ch, hw) = (st.z_dims[1], st.z_dims[2] * st.z_dims[3]);
-            let mut dz = zeros(st.z.len());
+            let mut dz = zeros(st.y.len());
             // Per sample and range of channels: its part of dz (from the first channel of the
             // range), and its gradients of p_clean and of the signals.
             let sample = |bi: usize, chans: Range<usize>, dz: &mut [f32]| -> (f32, Vec<f32>) {
