@@ -688,18 +688,19 @@ fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
     sum_transposed(partial_sums(g.b.div_ceil(c), add), kd, g.c_out)
 }
 
-/// `add(part, t)` for the tasks `t` in `0..tasks`, with one part per piece of work rayon splits
-/// off (about one per thread), not one per task; `add` gets an empty part to start each piece. A
-/// lone task runs on the calling thread: handing it to the pool would only add a thread wake-up.
+/// `add(part, t)` for the tasks `t` in `0..tasks`, with one part per thread's run of consecutive
+/// tasks, not one per task; `add` gets an empty part to start each run. The runs are fixed by the
+/// thread count alone, so the parts (and the order of their sums) do not depend on which thread
+/// happened to steal what: a training run resumed from a checkpoint repeats the uninterrupted
+/// one bit for bit. (rayon's `fold` splits where work is stolen, which changed the sums' rounding
+/// from run to run once training steps ran on the pool.) A lone run stays on the calling thread.
 pub(super) fn partial_sums<T: Send>(tasks: usize, add: impl Fn(Vec<T>, usize) -> Vec<T> + Sync + Send) -> Vec<Vec<T>> {
-    if tasks == 1 {
-        return vec![add(Vec::new(), 0)];
+    let runs = rayon::current_num_threads().min(tasks).max(1);
+    let run = |r: usize| (r * tasks / runs..(r + 1) * tasks / runs).fold(Vec::new(), &add);
+    if runs == 1 {
+        return vec![run(0)];
     }
-    (0..tasks)
-        .into_par_iter()
-        .fold(Vec::new, &add)
-        .filter(|p| !p.is_empty())
-        .collect()
+    (0..runs).into_par_iter().map(run).filter(|p| !p.is_empty()).collect()
 }
 
 /// The sum of `parts`, each a row-major `[rows, cols]` matrix, transposed to `[cols, rows]`, on
