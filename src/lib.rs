@@ -46,3 +46,33 @@ pub fn tune_runtime() {
         unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
     }
 }
+
+/// Runs `f` on one of rayon's worker threads and returns its result; inline when the caller is
+/// one already.
+///
+/// A training step alternates candle's serial ops on the calling thread with our kernels'
+/// parallel loops on rayon's pool. Called from any other thread, each loop wakes the pool's
+/// workers and puts the caller to sleep until they finish, and between loops both workers spin
+/// beside the caller: three threads on two cores. On a worker, the caller takes its share of
+/// each loop and only one other thread waits.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn on_pool_runs_on_a_worker_and_stays_there_when_nested() {
+        assert_eq!(rayon::current_thread_index(), None, "the test thread is no worker");
+        let (index, value) = super::on_pool(|| (rayon::current_thread_index(), 6 * 7));
+        assert!(index.is_some());
+        assert_eq!(value, 42);
+        let same = super::on_pool(|| {
+            let outer = rayon::current_thread_index();
+            super::on_pool(rayon::current_thread_index) == outer
+        });
+        assert!(same);
+        let panicked = std::panic::catch_unwind(|| super::on_pool(|| panic!("inside")));
+        assert!(panicked.is_err(), "a panic reaches the caller");
+    }
+}

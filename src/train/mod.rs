@@ -656,6 +656,22 @@ pub fn step(
     lr: f64,
     seed: u64,
 ) -> Result<StepDone> {
+    // On rayon's pool: ResNet-18 (batch 32), six interleaved runs of five steps, 2-19% faster
+    // (median 5%); its PGD-10 step 3-5% in three runs of four.
+    crate::on_pool(|| step_on_pool(model, run, state, opt, xs, ys, lr, seed))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn step_on_pool(
+    model: &Model,
+    run: &Run,
+    state: &mut RunState,
+    opt: &mut Optimizer,
+    xs: &Tensor,
+    ys: &[u32],
+    lr: f64,
+    seed: u64,
+) -> Result<StepDone> {
     let cfg = &run.config;
     let mut rng = StdRng::seed_from_u64(seed);
     let loss = step_loss(model, run, state, xs, ys, &mut rng)?;
