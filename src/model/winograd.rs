@@ -102,7 +102,8 @@ const LANES: usize = 16;
 
 /// `dst[.., j] = f(src[.., j])` for every column `j`, `LANES` columns at a time through
 /// fixed-size arrays, which the compiler turns into vector code (indexing the rows directly, it
-/// kept every value in a scalar register).
+/// kept every value in a scalar register). Whole chunks and the last, partial one are separate
+/// loops: with one copy of `len` values for both, every copy became a call to `memmove`.
 #[inline(always)]
 fn lanes<T: WithDType, const I: usize, const O: usize>(
     src: &[&[T]; I],
@@ -111,32 +112,44 @@ fn lanes<T: WithDType, const I: usize, const O: usize>(
 ) {
     let n = src.first().map_or(0, |s| s.len());
     let mut j = 0;
-    while j < n {
-        let len = LANES.min(n - j);
+    while j + LANES <= n {
         let mut a = [[T::zero(); LANES]; I];
         for (a, s) in a.iter_mut().zip(src) {
-            if len == LANES {
-                a.copy_from_slice(&s[j..j + LANES]);
-            } else {
-                a[..len].copy_from_slice(&s[j..j + len]);
-            }
+            *a = s[j..j + LANES].try_into().expect("a whole chunk");
         }
-        let mut b = [[T::zero(); LANES]; O];
-        for l in 0..LANES {
-            let out = f(std::array::from_fn(|k| a[k][l]));
-            for (b, v) in b.iter_mut().zip(out) {
-                b[l] = v;
-            }
-        }
+        let b = columns(&a, &f);
         for (d, b) in dst.iter_mut().zip(&b) {
-            if len == LANES {
-                d[j..j + LANES].copy_from_slice(b);
-            } else {
-                d[j..j + len].copy_from_slice(&b[..len]);
-            }
+            d[j..j + LANES].copy_from_slice(b);
         }
-        j += len;
+        j += LANES;
     }
+    if j < n {
+        let len = n - j;
+        let mut a = [[T::zero(); LANES]; I];
+        for (a, s) in a.iter_mut().zip(src) {
+            a[..len].copy_from_slice(&s[j..]);
+        }
+        let b = columns(&a, &f);
+        for (d, b) in dst.iter_mut().zip(&b) {
+            d[j..].copy_from_slice(&b[..len]);
+        }
+    }
+}
+
+/// `f` on each of the `LANES` columns of `a`.
+#[inline(always)]
+fn columns<T: WithDType, const I: usize, const O: usize>(
+    a: &[[T; LANES]; I],
+    f: &impl Fn([T; I]) -> [T; O],
+) -> [[T; LANES]; O] {
+    let mut b = [[T::zero(); LANES]; O];
+    for l in 0..LANES {
+        let out = f(std::array::from_fn(|k| a[k][l]));
+        for (b, v) in b.iter_mut().zip(out) {
+            b[l] = v;
+        }
+    }
+    b
 }
 
 /// `even[k] = src[2 k]` and `odd[k] = src[2 k + 1]` for every pair in `src` (an odd `src`'s last
