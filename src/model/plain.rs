@@ -1,5 +1,6 @@
 //! The small CNN, with AW-Net's router, in inference mode as loops over plain `f32` buffers, with
-//! its input gradient written out by hand: what an attack needs, without an autograd graph.
+//! its input gradient written out by hand: what an attack needs, without an autograd graph. The
+//! static ResNet-18's counterpart is [`PlainResnet`] (`plain/resnet.rs`); [`Plain`] holds either.
 //!
 //! Through candle, one PGD step on one image is about 80 tensor ops forward and as many backward,
 //! each allocating its result, and autograd adds a zero tensor and an addition per gradient; at
