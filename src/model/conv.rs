@@ -3,7 +3,7 @@
 //! convolution split over two threads), with the input gradient and the weight gradient as
 //! separate kernels that the backward pass runs only for the arguments that need them. A batch's
 //! 3x3 "same" convolutions with enough channels go to Winograd's F(2x2, 3x3) instead
-//! (`winograd.rs`, [`winograd::applies`]), all three kernels.
+//! (`winograd.rs`, `winograd::applies`), all three kernels.
 //!
 //! candle 0.11's CPU convolution reaches a fraction of the gemm ceiling here, its input gradient is
 //! a naive `conv_transpose2d`, and its backward always computes the weight gradient too, even in an
