@@ -400,10 +400,7 @@ impl PlainSmallCnn {
     ) -> Result<(PlainOutput, Vec<f32>)> {
         let (out, tape) = self.run(x, b)?;
         let (dlogits, dtype) = grads(&out)?;
-        // Logits -> the pooled features of the last stage.
-        let mut dg = vec![0f32; b * self.fc.d_in];
-        self.fc.add_input_grad(&dlogits, &mut dg);
-        let mut dh = spread_avg(&dg, tape.last_dims);
+        let mut dh = head_grad(&self.fc, &dlogits, b, tape.last_dims);
         let mut dp = vec![0f32; b];
         let mut dsignals: Vec<Vec<f32>> = tape.signals.iter().map(|s| vec![0f32; s.len()]).collect();
         let mut dx = Vec::new();
@@ -572,6 +569,14 @@ fn softmax2(a: f32, b: f32) -> f32 {
 fn global_avg(x: &[f32], d: [usize; 4]) -> Vec<f32> {
     let hw = d[2] * d[3];
     x.chunks(hw).map(|p| p.iter().sum::<f32>() / hw as f32).collect()
+}
+
+/// The gradient of the last activations (dims `d`) from that of the logits, back through the
+/// linear layer and global average pooling.
+fn head_grad(fc: &PLinear, dlogits: &[f32], b: usize, d: [usize; 4]) -> Vec<f32> {
+    let mut dg = vec![0f32; b * fc.d_in];
+    fc.add_input_grad(dlogits, &mut dg);
+    spread_avg(&dg, d)
 }
 
 /// The gradient of [`global_avg`]: each of `[b, c]` spread evenly over its plane.

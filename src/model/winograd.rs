@@ -21,6 +21,7 @@
 
 use candle_core::WithDType;
 use rayon::prelude::*;
+use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::OnceLock;
 
@@ -536,16 +537,17 @@ fn correlate<T: WithDType>(
     out
 }
 
+/// What `kept` holds, made by `make` on first use; or `make`'s result when nothing keeps it.
+fn kept_or_made<T: Clone>(kept: Option<&OnceLock<Vec<T>>>, make: impl FnOnce() -> Vec<T>) -> Cow<'_, [T]> {
+    match kept {
+        Some(k) => Cow::Borrowed(k.get_or_init(make)),
+        None => Cow::Owned(make()),
+    }
+}
+
 /// `conv(x, w)`, `[b, c_in, h, w]` to `[b, c_out, h, w]`.
 pub(super) fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T], kept: Option<&OnceLock<Vec<T>>>) -> Vec<T> {
-    let made;
-    let u = match kept {
-        Some(k) => k.get_or_init(|| filters(w, g.c_out, g.c_in)),
-        None => {
-            made = filters(w, g.c_out, g.c_in);
-            &made
-        }
-    };
+    let u = kept_or_made(kept, || filters(w, g.c_out, g.c_in));
     let ci = g.c_in;
     correlate(&Tiles::new(g.b, g.h, g.w), x, ci, g.c_out, |xi, o0| Mat {
         ptr: u[o0 * 16 * ci + xi * ci..].as_ptr(),
@@ -557,14 +559,7 @@ pub(super) fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T], kept: Option<&On
 /// `dx` `[b, c_in, h, w]` from `dy` `[b, c_out, h, w]`: the convolution of `dy` with the filters
 /// `w'[i, o] = rot180(w[o, i])`.
 pub(super) fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T], kept: Option<&OnceLock<Vec<T>>>) -> Vec<T> {
-    let made;
-    let u = match kept {
-        Some(k) => k.get_or_init(|| turned_filters(w, g.c_out, g.c_in)),
-        None => {
-            made = turned_filters(w, g.c_out, g.c_in);
-            &made
-        }
-    };
+    let u = kept_or_made(kept, || turned_filters(w, g.c_out, g.c_in));
     let co = g.c_out;
     correlate(&Tiles::new(g.b, g.h, g.w), dy, co, g.c_in, |xi, i0| Mat {
         ptr: u[i0 * 16 * co + xi * co..].as_ptr(),

@@ -15,7 +15,7 @@
 use candle_core::{Result, bail};
 use rayon::prelude::*;
 
-use super::{PConv, PLinear, PNorm, PlainOutput, global_avg, spread_avg};
+use super::{PConv, PLinear, PNorm, PlainOutput, global_avg, head_grad};
 use crate::model::conv::PAR_MIN;
 use crate::model::norm::Norm;
 use crate::model::resnet::ResNet18;
@@ -159,10 +159,8 @@ impl PlainResnet {
         let (out, tape) = self.run(x, b)?;
         let (dlogits, _) = grads(&out)?;
         let last_dims = tape.blocks.last().map_or(tape.stem.1, |t| t[1].1);
-        let mut dg = vec![0f32; b * self.fc.d_in];
-        self.fc.add_input_grad(&dlogits, &mut dg);
         // The gradient of the current block's output.
-        let mut d = spread_avg(&dg, last_dims);
+        let mut d = head_grad(&self.fc, &dlogits, b, last_dims);
         for (j, (block, [(mid, mid_dims), (y, y_dims)])) in self.blocks.iter().zip(&tape.blocks).enumerate().rev() {
             let in_dims = if j == 0 { tape.stem.1 } else { tape.blocks[j - 1][1].1 };
             // Back through the last ReLU to the residual sum, whose two terms get its gradient:
