@@ -225,7 +225,8 @@ struct Tape {
 
 struct StageTape {
     in_dims: [usize; 4],
-    /// The convolution's output (empty without a router, whose gradients alone read it).
+    /// The convolution's output (empty without a router, whose gradients alone read it, or when
+    /// no backward pass follows).
     z: Vec<f32>,
     z_dims: [usize; 4],
     /// After the ReLU, before pooling.
@@ -276,7 +277,8 @@ impl PlainSmallCnn {
         })
     }
 
-    fn run(&self, x: &[f32], b: usize) -> Result<(PlainOutput, Tape)> {
+    /// The forward pass and its tape; `backward` keeps in it what the input gradient reads.
+    fn run(&self, x: &[f32], b: usize, backward: bool) -> Result<(PlainOutput, Tape)> {
         let [c, h, w] = self.in_dims;
         if x.len() != b * c * h * w {
             bail!("{} values for {b} images of {c}x{h}x{w}", x.len())
@@ -327,9 +329,9 @@ impl PlainSmallCnn {
             let (z, zd) = stage.conv.forward(input, dims)?;
             let (ch, hw) = (zd[1], zd[2] * zd[3]);
             let mut a = vec![0f32; b * ch];
-            // Only the router's gradients read `z` again: a static model's ReLU output
-            // overwrites it.
-            let (z, mut y) = if self.router.is_some() {
+            // Only the router's gradients read `z` again: otherwise (a static model, or no
+            // backward pass) the ReLU output overwrites it.
+            let (z, mut y) = if backward && self.router.is_some() {
                 let y = zeros(z.len());
                 (z, y)
             } else {
@@ -387,7 +389,7 @@ impl PlainSmallCnn {
 
     /// Inference on `b` images `[b, c, h, w]` in [0, 1].
     pub fn forward(&self, x: &[f32], b: usize) -> Result<PlainOutput> {
-        Ok(self.run(x, b)?.0)
+        Ok(self.run(x, b, false)?.0)
     }
 
     /// The forward pass, and the gradient with respect to the input of `sum(dlogits * logits) +
@@ -398,7 +400,7 @@ impl PlainSmallCnn {
         b: usize,
         grads: impl FnOnce(&PlainOutput) -> Result<(Vec<f32>, Option<Vec<f32>>)>,
     ) -> Result<(PlainOutput, Vec<f32>)> {
-        let (out, tape) = self.run(x, b)?;
+        let (out, tape) = self.run(x, b, true)?;
         let (dlogits, dtype) = grads(&out)?;
         let mut dh = head_grad(&self.fc, &dlogits, b, tape.last_dims);
         let mut dp = vec![0f32; b];
