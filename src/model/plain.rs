@@ -299,9 +299,15 @@ impl PlainSmallCnn {
         if let Some(r) = &self.router {
             let (mut hcur, mut dims) = (x.to_vec(), x_dims);
             for conv in &r.convs {
-                let (pre, d) = conv.forward(&hcur, dims)?;
-                hcur = relu(&pre);
-                tape.router.push((dims, pre));
+                let (mut pre, d) = conv.forward(&hcur, dims)?;
+                if backward {
+                    hcur = relu(&pre);
+                    tape.router.push((dims, pre));
+                } else {
+                    // Nothing reads the pre-activation again: the ReLU overwrites it.
+                    relu_in_place(&mut pre);
+                    hcur = pre;
+                }
                 dims = d;
             }
             tape.feat = global_avg(&hcur, dims);
@@ -592,6 +598,15 @@ fn spread_avg(dg: &[f32], d: [usize; 4]) -> Vec<f32> {
         out.par_chunks_mut(hw).zip(dg).for_each(fill);
     }
     out
+}
+
+/// `v = max(v, 0)`, elementwise.
+fn relu_in_place(v: &mut [f32]) {
+    if v.len() < PAR_MIN {
+        v.iter_mut().for_each(|v| *v = v.max(0.0));
+    } else {
+        v.par_iter_mut().for_each(|v| *v = v.max(0.0));
+    }
 }
 
 /// `max(v, 0)`, elementwise.
