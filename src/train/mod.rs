@@ -658,48 +658,36 @@ pub fn step(
 ) -> Result<StepDone> {
     // On rayon's pool: ResNet-18 (batch 32), six interleaved runs of five steps, 2-19% faster
     // (median 5%); its PGD-10 step 3-5% in three runs of four.
-    crate::on_pool(|| step_on_pool(model, run, state, opt, xs, ys, lr, seed))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn step_on_pool(
-    model: &Model,
-    run: &Run,
-    state: &mut RunState,
-    opt: &mut Optimizer,
-    xs: &Tensor,
-    ys: &[u32],
-    lr: f64,
-    seed: u64,
-) -> Result<StepDone> {
-    let cfg = &run.config;
-    let mut rng = StdRng::seed_from_u64(seed);
-    let loss = step_loss(model, run, state, xs, ys, &mut rng)?;
-    let value = scalar(&loss.total)?;
-    if !value.is_finite() {
-        let terms = loss
-            .terms
-            .iter()
-            .map(|(n, v)| format!("{n} {v:.4}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        return Err(TrainError::NonFinite {
-            value,
-            epoch: state.epoch,
-            step: state.step,
-            terms,
-        });
-    }
-    let grads = loss.total.backward()?;
-    opt.step(&grads, lr)?;
-    drop(grads);
-    if let Some(pair) = loss.balanced {
-        rebalance(state, pair, cfg.balance_rate, cfg.balance_beta);
-    }
-    Ok(StepDone {
-        loss: value,
-        terms: loss.terms,
-        balanced: loss.balanced.is_some(),
+    crate::on_pool(|| {
+        let cfg = &run.config;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let loss = step_loss(model, run, state, xs, ys, &mut rng)?;
+        let value = scalar(&loss.total)?;
+        if !value.is_finite() {
+            let terms = loss
+                .terms
+                .iter()
+                .map(|(n, v)| format!("{n} {v:.4}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(TrainError::NonFinite {
+                value,
+                epoch: state.epoch,
+                step: state.step,
+                terms,
+            });
+        }
+        let grads = loss.total.backward()?;
+        opt.step(&grads, lr)?;
+        drop(grads);
+        if let Some(pair) = loss.balanced {
+            rebalance(state, pair, cfg.balance_rate, cfg.balance_beta);
+        }
+        Ok(StepDone {
+            loss: value,
+            terms: loss.terms,
+            balanced: loss.balanced.is_some(),
+        })
     })
 }
 
