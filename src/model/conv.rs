@@ -126,13 +126,13 @@ impl Geom {
 /// `cols[(ci, ki, kj), (oy, ox)] = x[ci, oy*s + ki - p, ox*s + kj - p]`, zero outside.
 #[cfg(test)]
 fn im2col<T: WithDType>(g: &Geom, x: &[T], cols: &mut [T]) {
-    im2col_chans(g, &g.same_masks(), x, cols, 0..g.c_in, g.hw_out())
+    im2col_chans(g, &Reads::new(g), x, cols, 0..g.c_in, g.hw_out())
 }
 
 /// [`im2col`]'s rows of the input channels `chans` only, into `cols` starting at the first, each
 /// row `ld` values after the one before (`hw_out`, or more when several images share the matrix).
-/// `masks` is [`Geom::same_masks`], built once per convolution by the caller.
-fn im2col_chans<T: WithDType>(g: &Geom, masks: &[bool], x: &[T], cols: &mut [T], chans: Range<usize>, ld: usize) {
+/// `reads` is built once per convolution by the caller.
+fn im2col_chans<T: WithDType>(g: &Geom, reads: &Reads, x: &[T], cols: &mut [T], chans: Range<usize>, ld: usize) {
     let (k, s, p, wo, ho) = (g.k, g.stride, g.pad, g.w_out, g.h_out);
     let first = chans.start * k * k;
     if g.is_same() {
@@ -143,7 +143,7 @@ fn im2col_chans<T: WithDType>(g: &Geom, masks: &[bool], x: &[T], cols: &mut [T],
         let mut padded = vec![T::zero(); hw + 2 * margin];
         for (c, ci) in chans.enumerate() {
             padded[margin..margin + hw].copy_from_slice(&x[ci * hw..(ci + 1) * hw]);
-            for (r, mask) in masks.chunks_exact(hw).enumerate() {
+            for (r, mask) in reads.same.chunks_exact(hw).enumerate() {
                 let src = &padded[g.same_offset(r)..][..hw];
                 let row = &mut cols[(c * kk + r) * ld..][..hw];
                 for ((d, &v), &m) in row.iter_mut().zip(src).zip(mask) {
@@ -153,30 +153,22 @@ fn im2col_chans<T: WithDType>(g: &Geom, masks: &[bool], x: &[T], cols: &mut [T],
         }
         return;
     }
-    // With a stride and output rows of 12 or more, each input row is first split into its `s`
-    // phases (columns `r, r + s, ...`), so that every row of the column matrix is a contiguous
-    // copy from one phase rather than a gather of every `s`-th value. Stride 2, interleaved
-    // runs: 16 -> 32 channels from 28x28 (batch 128) 1.75-1.80 -> 1.54-1.89 ms, 64 -> 128 from
-    // 32x32 (batch 32) 4.0-4.7 -> 3.7-4.0 ms; on 7- and 4-wide outputs the split cost more than the
-    // gathers (32 -> 64 from 14x14 1.30 -> 1.38 ms, 256 -> 512 from 8x8 3.5-3.9 -> 4.1-4.5 ms).
-    let split = s > 1 && wo >= 12;
-    let pw = g.w.div_ceil(s);
-    let mut phases = if split {
-        vec![T::zero(); g.h * s * pw]
-    } else {
-        Vec::new()
-    };
-    for ci in chans {
-        let plane = &x[ci * g.hw()..(ci + 1) * g.hw()];
-        if split {
-            for (row, ph) in plane.chunks_exact(g.w).zip(phases.chunks_exact_mut(s * pw)) {
-                for (r, ph) in ph.chunks_exact_mut(pw).enumerate() {
-                    for (d, &v) in ph.iter_mut().zip(row.iter().skip(r).step_by(s)) {
-                        *d = v;
-                    }
+    if let Some(hv) = &reads.halving {
+        let (mut buf, mut eo) = (hv.buffer(), hv.split_buffer());
+        for (c, ci) in chans.enumerate() {
+            hv.split(&x[ci * g.hw()..(ci + 1) * g.hw()], &mut buf, &mut eo);
+            for r in 0..k * k {
+                let row = &mut cols[(c * k * k + r) * ld..][..g.hw_out()];
+                let src = &buf[hv.start(r)..][..g.hw_out()];
+                for ((d, &v), &m) in row.iter_mut().zip(src).zip(hv.mask(r)) {
+                    *d = if m { v } else { T::zero() };
                 }
             }
         }
+        return;
+    }
+    for ci in chans {
+        let plane = &x[ci * g.hw()..(ci + 1) * g.hw()];
         for ki in 0..k {
             let (oy_lo, oy_hi) = g.valid(ki, ho, g.h);
             for kj in 0..k {
@@ -184,28 +176,15 @@ fn im2col_chans<T: WithDType>(g: &Geom, masks: &[bool], x: &[T], cols: &mut [T],
                 let row = &mut cols[((ci * k + ki) * k + kj - first) * ld..][..g.hw_out()];
                 row[..oy_lo * wo].fill(T::zero());
                 row[oy_hi * wo..].fill(T::zero());
-                // The first column read, `ox_lo * s + kj - p`: phase `r`, position `start` in it
-                // (nothing is read when no column is valid).
-                let (r, start) = if ox_lo < ox_hi {
-                    let x0 = ox_lo * s + kj - p;
-                    (x0 % s, x0 / s)
-                } else {
-                    (0, 0)
-                };
                 for oy in oy_lo..oy_hi {
-                    let y = oy * s + ki - p;
+                    let src = &plane[(oy * s + ki - p) * g.w..][..g.w];
                     let dst = &mut row[oy * wo..(oy + 1) * wo];
                     dst[..ox_lo].fill(T::zero());
                     dst[ox_hi..].fill(T::zero());
-                    if s == 1 || split {
-                        let src = if split {
-                            &phases[(y * s + r) * pw..][..pw]
-                        } else {
-                            &plane[y * g.w..][..g.w]
-                        };
+                    if s == 1 {
+                        let start = ox_lo + kj - p;
                         dst[ox_lo..ox_hi].copy_from_slice(&src[start..start + ox_hi - ox_lo]);
                     } else {
-                        let src = &plane[y * g.w..][..g.w];
                         for ox in ox_lo..ox_hi {
                             dst[ox] = src[ox * s + kj - p];
                         }
@@ -216,16 +195,169 @@ fn im2col_chans<T: WithDType>(g: &Geom, masks: &[bool], x: &[T], cols: &mut [T],
     }
 }
 
+/// How a convolution's column matrix reads its input, worked out once per convolution.
+struct Reads {
+    /// [`Geom::same_masks`].
+    same: Vec<bool>,
+    halving: Option<Halving>,
+}
+
+impl Reads {
+    fn new(g: &Geom) -> Self {
+        Self {
+            same: g.same_masks(),
+            halving: Halving::new(g),
+        }
+    }
+}
+
+/// Values copied as one piece where a line is at most this wide.
+const LANES: usize = 16;
+
+/// A stride-2 convolution that halves an even map (3x3 with padding 1, 1x1 without), through the
+/// input plane's four phases: phase `(a, b)` holds rows `a, a + 2, ...` and, of those, columns
+/// `b, b + 2, ...`. Kernel offset `(ki, kj)` reads input `(2 oy + ki - p, 2 ox + kj - p)`: phase
+/// `((ki - p) mod 2, (kj - p) mod 2)` at `(oy + dy, ox + dx)`, `dy = floor((ki - p) / 2)`. With the
+/// output as wide as a phase, that is one contiguous span of the phase, shifted by
+/// `dy * w / 2 + dx`, with the entries that fall outside it masked to zero: a row of the column
+/// matrix is one masked copy, as for a stride-1 "same" convolution (`Geom::same_masks`).
+/// Before, each row was gathered line by line from every other value, which took more time than
+/// the product on the router's stride-2 convolutions. Batch 128, interleaved runs, before ->
+/// after: 16 -> 32 channels from 28x28 1.9-2.6 -> 1.4-1.5 ms (forward), 6.7-7.1 -> 3.6-4.8 ms
+/// (forward and input gradient); 32 -> 64 from 14x14 1.4-2.0 -> 1.0-1.2 and 4.2-4.5 -> 2.7-3.3.
+struct Halving {
+    /// A phase's rows and columns.
+    rows: usize,
+    cols: usize,
+    /// Values between phases in the buffer (and before the first, after the last): room for
+    /// the shifted spans to read, masked, and for whole-vector copies to run past a line.
+    margin: usize,
+    /// Per kernel offset: where its span starts in the buffer.
+    starts: Vec<usize>,
+    /// Per kernel offset, `hw_out` flags: true where the span reads inside its phase.
+    masks: Vec<bool>,
+    hw_out: usize,
+}
+
+impl Halving {
+    fn new(g: &Geom) -> Option<Self> {
+        let (h, w) = (g.h, g.w);
+        if g.stride != 2 || h % 2 != 0 || w % 2 != 0 || g.h_out != h / 2 || g.w_out != w / 2 {
+            return None;
+        }
+        let (rows, cols, hw_out) = (h / 2, w / 2, g.hw_out());
+        let reach = g.pad.div_ceil(2) + 1;
+        let margin = reach * (cols + 1) + LANES;
+        let (mut starts, mut masks) = (Vec::new(), Vec::new());
+        let shift = |kk: usize| {
+            let u = kk as isize - g.pad as isize;
+            (u.rem_euclid(2) as usize, u.div_euclid(2))
+        };
+        for r in 0..g.k * g.k {
+            let ((a, dy), (b, dx)) = (shift(r / g.k), shift(r % g.k));
+            let phase = margin + (2 * a + b) * (rows * cols + margin);
+            starts.push((phase as isize + dy * cols as isize + dx) as usize);
+            for oy in 0..g.h_out as isize {
+                for ox in 0..g.w_out as isize {
+                    let (y, x) = (oy + dy, ox + dx);
+                    masks.push(y >= 0 && y < rows as isize && x >= 0 && x < cols as isize);
+                }
+            }
+        }
+        Some(Self {
+            rows,
+            cols,
+            margin,
+            starts,
+            masks,
+            hw_out,
+        })
+    }
+
+    /// The four phases with their margins. A margin holds whatever whole-vector copies left
+    /// there and is only ever read masked, so `im2col` zeroes the buffer once, not per plane.
+    fn buffer<T: WithDType>(&self) -> Vec<T> {
+        vec![T::zero(); self.margin + 4 * (self.rows * self.cols + self.margin)]
+    }
+
+    /// Room for a plane's even and odd columns, each `h x w / 2`, and a whole vector after each.
+    fn split_buffer<T: WithDType>(&self) -> Vec<T> {
+        vec![T::zero(); 2 * (2 * self.rows * self.cols + LANES)]
+    }
+
+    /// [`Self::split_buffer`] and room for the interleaved plane.
+    fn merge_buffer<T: WithDType>(&self) -> Vec<T> {
+        vec![T::zero(); 2 * (2 * self.rows * self.cols + LANES) + 4 * self.rows * self.cols]
+    }
+
+    fn start(&self, r: usize) -> usize {
+        self.starts[r]
+    }
+
+    fn mask(&self, r: usize) -> &[bool] {
+        &self.masks[r * self.hw_out..(r + 1) * self.hw_out]
+    }
+
+    /// Where phase `(a, b)`'s row `i` starts.
+    fn line(&self, a: usize, b: usize, i: usize) -> usize {
+        self.margin + (2 * a + b) * (self.rows * self.cols + self.margin) + i * self.cols
+    }
+
+    /// `plane` (`h x w`) into its phases in `buf`: its even and odd columns first (one pass over
+    /// the whole plane, since no pair crosses a line), then each line of those to its phase.
+    fn split<T: WithDType>(&self, plane: &[T], buf: &mut [T], eo: &mut [T]) {
+        let half = 2 * self.rows * self.cols;
+        let (even, odd) = eo.split_at_mut(half + LANES);
+        winograd::deinterleave(plane, &mut even[..half], &mut odd[..half]);
+        let n = self.cols;
+        for y in 0..2 * self.rows {
+            for (b, src) in [(0, &even[y * n..]), (1, &odd[y * n..])] {
+                let at = self.line(y % 2, b, y / 2);
+                if n <= LANES {
+                    // A whole vector: what runs past the line lands on the phase's next line
+                    // (written after this one) or in the margin.
+                    let v: [T; LANES] = src[..LANES].try_into().expect("a whole vector");
+                    buf[at..at + LANES].copy_from_slice(&v);
+                } else {
+                    buf[at..at + n].copy_from_slice(&src[..n]);
+                }
+            }
+        }
+    }
+
+    /// The adjoint of [`Self::split`]: the phases in `buf` added onto `plane`.
+    fn merge<T: WithDType>(&self, buf: &[T], plane: &mut [T], eo: &mut [T]) {
+        let half = 2 * self.rows * self.cols;
+        let (even, rest) = eo.split_at_mut(half + LANES);
+        let (odd, tmp) = rest.split_at_mut(half + LANES);
+        let n = self.cols;
+        for y in 0..2 * self.rows {
+            for (b, dst) in [(0, &mut even[y * n..]), (1, &mut odd[y * n..])] {
+                let at = self.line(y % 2, b, y / 2);
+                if n <= LANES {
+                    let v: [T; LANES] = buf[at..at + LANES].try_into().expect("a whole vector");
+                    dst[..LANES].copy_from_slice(&v);
+                } else {
+                    dst[..n].copy_from_slice(&buf[at..at + n]);
+                }
+            }
+        }
+        let tmp = &mut tmp[..2 * half];
+        winograd::interleave(&even[..half], &odd[..half], tmp);
+        plane.iter_mut().zip(tmp.iter()).for_each(|(d, &v)| *d += v);
+    }
+}
+
 /// The adjoint of `im2col`: adds every column entry onto the pixel it was read from, in `dx`,
 /// which the caller zeroes.
 #[cfg(test)]
 fn col2im<T: WithDType>(g: &Geom, cols: &[T], dx: &mut [T]) {
-    col2im_chans(g, &g.same_masks(), cols, dx, 0..g.c_in, g.hw_out())
+    col2im_chans(g, &Reads::new(g), cols, dx, 0..g.c_in, g.hw_out())
 }
 
 /// [`col2im`] for the input channels `chans` only: their rows of the column matrix in `cols`
 /// (`ld` apart, as in [`im2col_chans`]), their planes in `dx`, each starting at the first.
-fn col2im_chans<T: WithDType>(g: &Geom, masks: &[bool], cols: &[T], dx: &mut [T], chans: Range<usize>, ld: usize) {
+fn col2im_chans<T: WithDType>(g: &Geom, reads: &Reads, cols: &[T], dx: &mut [T], chans: Range<usize>, ld: usize) {
     let (k, s, p, wo, ho) = (g.k, g.stride, g.pad, g.w_out, g.h_out);
     if g.is_same() {
         let (hw, kk, margin) = (g.hw(), k * k, g.same_margin());
@@ -234,7 +366,7 @@ fn col2im_chans<T: WithDType>(g: &Geom, masks: &[bool], cols: &[T], dx: &mut [T]
         let mut padded = vec![T::zero(); hw + 2 * margin];
         for (c, plane) in dx.chunks_exact_mut(hw).take(chans.len()).enumerate() {
             padded.fill(T::zero());
-            for (r, mask) in masks.chunks_exact(hw).enumerate() {
+            for (r, mask) in reads.same.chunks_exact(hw).enumerate() {
                 let dst = &mut padded[g.same_offset(r)..][..hw];
                 let row = &cols[(c * kk + r) * ld..][..hw];
                 for ((d, &v), &m) in dst.iter_mut().zip(row).zip(mask) {
@@ -244,6 +376,24 @@ fn col2im_chans<T: WithDType>(g: &Geom, masks: &[bool], cols: &[T], dx: &mut [T]
             for (d, &v) in plane.iter_mut().zip(&padded[margin..margin + hw]) {
                 *d += v;
             }
+        }
+        return;
+    }
+    if let Some(hv) = &reads.halving {
+        // The adjoint of `im2col_chans`'s: each row added, masked, into the phases, which are
+        // then merged onto the plane.
+        let mut buf = hv.buffer();
+        let mut eo = hv.merge_buffer();
+        for (ci, plane) in dx.chunks_exact_mut(g.hw()).take(chans.len()).enumerate() {
+            buf.fill(T::zero());
+            for r in 0..k * k {
+                let row = &cols[(ci * k * k + r) * ld..][..g.hw_out()];
+                let dst = &mut buf[hv.start(r)..][..g.hw_out()];
+                for ((d, &v), &m) in dst.iter_mut().zip(row).zip(hv.mask(r)) {
+                    *d += if m { v } else { T::zero() };
+                }
+            }
+            hv.merge(&buf, plane, &mut eo);
         }
         return;
     }
@@ -457,7 +607,7 @@ fn each_chunk<T: Send>(v: &mut [T], size: usize, f: impl Fn(usize, &mut [T]) + S
 
 /// One image on two threads: the input channels' rows of the column matrix, then the output's
 /// columns, shared between the caller and [`pair`]'s helper.
-fn forward_pair<T: WithDType>(g: &Geom, masks: &[bool], x: &[T], w: &[T], out: &mut [T], cols: &mut [T]) {
+fn forward_pair<T: WithDType>(g: &Geom, reads: &Reads, x: &[T], w: &[T], out: &mut [T], cols: &mut [T]) {
     let (kd, hwo, kk) = (g.kdim(), g.hw_out(), g.k * g.k);
     let half = g.c_in / 2;
     {
@@ -467,7 +617,7 @@ fn forward_pair<T: WithDType>(g: &Geom, masks: &[bool], x: &[T], w: &[T], out: &
             let part = parts[t].lock().ok().and_then(|mut p| p.take());
             if let Some(part) = part {
                 let chans = if t == 0 { 0..half } else { half..g.c_in };
-                im2col_chans(g, masks, x, part, chans, hwo);
+                im2col_chans(g, reads, x, part, chans, hwo);
             }
         });
     }
@@ -495,7 +645,7 @@ fn forward_pair<T: WithDType>(g: &Geom, masks: &[bool], x: &[T], w: &[T], out: &
 
 /// One image on two threads, each with half of the input channels: its rows of the column
 /// matrix (a product with half of `w^T`'s rows), then its planes of `dx`.
-fn input_grad_pair<T: WithDType>(g: &Geom, masks: &[bool], dy: &[T], w: &[T], dx: &mut [T], cols: &mut [T]) {
+fn input_grad_pair<T: WithDType>(g: &Geom, reads: &Reads, dy: &[T], w: &[T], dx: &mut [T], cols: &mut [T]) {
     let (kd, hwo, kk) = (g.kdim(), g.hw_out(), g.k * g.k);
     let half = g.c_in / 2;
     let (top, bottom) = cols.split_at_mut(half * kk * hwo);
@@ -520,7 +670,7 @@ fn input_grad_pair<T: WithDType>(g: &Geom, masks: &[bool], dy: &[T], w: &[T], dx
                 Mat::rows(dy.as_ptr(), hwo),
             )
         };
-        col2im_chans(g, masks, cols, dx, chans, hwo);
+        col2im_chans(g, reads, cols, dx, chans, hwo);
     });
 }
 
@@ -534,11 +684,11 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T], kept: Option<&Kept<T>>) -> 
     if winograd::applies(g) {
         return winograd::forward(g, x, w, kept.map(|k| &k.forward));
     }
-    let masks = g.same_masks();
+    let reads = Reads::new(g);
     let (kd, hwo) = (g.kdim(), g.hw_out());
     let mut out = zeros(g.b * g.c_out * hwo);
     if paired(g) {
-        with_cols(kd * hwo, |cols: &mut [T]| forward_pair(g, &masks, x, w, &mut out, cols));
+        with_cols(kd * hwo, |cols: &mut [T]| forward_pair(g, &reads, x, w, &mut out, cols));
         return out;
     }
     let n_g = group(g);
@@ -566,7 +716,7 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T], kept: Option<&Kept<T>>) -> 
                 }
                 let ld = n * hwo;
                 for (i, x) in x.chunks_exact(g.c_in * g.hw()).enumerate() {
-                    im2col_chans(g, &masks, x, &mut cols[i * hwo..], 0..g.c_in, ld);
+                    im2col_chans(g, &reads, x, &mut cols[i * hwo..], 0..g.c_in, ld);
                 }
                 let product = |dst: &mut [T]| {
                     // SAFETY: w is [c_out, kd], cols [kd, ld], dst [c_out, ld], all row-major.
@@ -601,12 +751,12 @@ fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T], kept: Option<&Kept<T>>)
     if winograd::applies(g) {
         return winograd::input_grad(g, dy, w, kept.map(|k| &k.turned));
     }
-    let masks = g.same_masks();
+    let reads = Reads::new(g);
     let (kd, hwo) = (g.kdim(), g.hw_out());
     let mut dx = zeros(g.b * g.c_in * g.hw());
     if paired(g) {
         with_cols(kd * hwo, |cols: &mut [T]| {
-            input_grad_pair(g, &masks, dy, w, &mut dx, cols)
+            input_grad_pair(g, &reads, dy, w, &mut dx, cols)
         });
         return dx;
     }
@@ -646,7 +796,7 @@ fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T], kept: Option<&Kept<T>>)
                     });
                 }
                 for (i, dx) in dx.chunks_exact_mut(g.c_in * g.hw()).enumerate() {
-                    col2im_chans(g, &masks, &cols[i * hwo..], dx, 0..g.c_in, ld);
+                    col2im_chans(g, &reads, &cols[i * hwo..], dx, 0..g.c_in, ld);
                 }
             }
         })
@@ -664,7 +814,7 @@ fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
     if winograd::applies(g) {
         return winograd::weight_grad(g, dy, x);
     }
-    let masks = g.same_masks();
+    let reads = Reads::new(g);
     let (kd, hwo) = (g.kdim(), g.hw_out());
     let n_g = group(g);
     let c = chunk(g.b, n_g);
@@ -682,7 +832,7 @@ fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
                     x
                 } else {
                     for (i, x) in x.chunks_exact(g.c_in * g.hw()).enumerate() {
-                        im2col_chans(g, &masks, x, &mut buf[i * hwo..], 0..g.c_in, ld);
+                        im2col_chans(g, &reads, x, &mut buf[i * hwo..], 0..g.c_in, ld);
                     }
                     buf
                 };
@@ -1041,10 +1191,21 @@ pub(super) mod tests {
             (1, 3, 6, 9, 2, 3, 1, 1),
             (1, 5, 20, 20, 4, 3, 1, 1),
             (1, 4, 9, 9, 3, 3, 2, 1),
-            // Strided with output rows of 12 or more: im2col splits rows into phases (odd
-            // width, stride 2; stride 3 with padding 2).
+            // Strided: stride 2 halving an even map goes through its phases (`Halving`: 3x3,
+            // 4x4 and 5x5 kernels, lines as wide as one vector copy and wider, a group of
+            // images); the rest gathers (odd sizes, stride 3, padding wider than the kernel).
+            (3, 2, 28, 28, 4, 3, 2, 1),
+            (2, 2, 8, 10, 3, 4, 2, 1),
+            (2, 2, 12, 10, 3, 5, 2, 2),
+            (2, 2, 40, 36, 2, 3, 2, 1),
+            (2, 2, 32, 34, 2, 1, 2, 0),
+            (7, 3, 14, 14, 2, 3, 2, 1),
             (2, 3, 26, 27, 4, 3, 2, 1),
             (1, 2, 40, 38, 3, 3, 3, 2),
+            (3, 2, 9, 8, 3, 3, 2, 0),
+            (2, 2, 7, 7, 3, 4, 2, 1),
+            (2, 1, 6, 5, 2, 3, 2, 3),
+            (2, 2, 9, 10, 2, 1, 3, 0),
         ];
         for (i, &(b, ci, h, w, co, k, s, p)) in cases.iter().enumerate() {
             let x = Var::from_tensor(&rand(&[b, ci, h, w], i as u64)).unwrap();
@@ -1085,6 +1246,7 @@ pub(super) mod tests {
             (3, 28, 28, 8, 3, 1, 1),
             (7, 14, 14, 6, 3, 1, 1),
             (4, 9, 11, 3, 3, 2, 1),
+            (4, 14, 14, 3, 3, 2, 1),
             (3, 8, 8, 2, 5, 1, 2),
         ]
         .iter()
@@ -1102,7 +1264,7 @@ pub(super) mod tests {
             };
             let mut cols = vec![f64::NAN; g.kdim() * g.hw_out()];
             let mut y = vec![0.0; c_out * g.hw_out()];
-            forward_pair(&g, &g.same_masks(), &x, &wt, &mut y, &mut cols);
+            forward_pair(&g, &Reads::new(&g), &x, &wt, &mut y, &mut cols);
             let mut cols1 = vec![0.0; cols.len()];
             im2col(&g, &x, &mut cols1);
             let mut y1 = vec![0.0; y.len()];
@@ -1120,7 +1282,7 @@ pub(super) mod tests {
             };
             close(&y, &y1, "forward");
             let mut dx = vec![0.0; c_in * h * w];
-            input_grad_pair(&g, &g.same_masks(), &dy, &wt, &mut dx, &mut cols);
+            input_grad_pair(&g, &Reads::new(&g), &dy, &wt, &mut dx, &mut cols);
             // The reference: the transposed product and col2im in one piece.
             unsafe {
                 matmul(

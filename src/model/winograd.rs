@@ -155,7 +155,7 @@ fn columns<T: WithDType, const I: usize, const O: usize>(
 
 /// `even[k] = src[2 k]` and `odd[k] = src[2 k + 1]` for every pair in `src` (an odd `src`'s last
 /// value goes to `even`), in fixed-size blocks that the compiler turns into vector shuffles.
-fn deinterleave<T: Copy>(src: &[T], even: &mut [T], odd: &mut [T]) {
+pub(super) fn deinterleave<T: Copy>(src: &[T], even: &mut [T], odd: &mut [T]) {
     let k = deinterleave_blocks::<T, 16>(src, even, odd, 0);
     let k = deinterleave_blocks::<T, 4>(src, even, odd, k);
     for (i, &v) in src.iter().enumerate().skip(2 * k) {
@@ -181,7 +181,7 @@ fn deinterleave_blocks<T: Copy, const B: usize>(src: &[T], even: &mut [T], odd: 
 }
 
 /// The inverse of [`deinterleave`]: `dst[2 k] = even[k]`, `dst[2 k + 1] = odd[k]`.
-fn interleave<T: Copy>(even: &[T], odd: &[T], dst: &mut [T]) {
+pub(super) fn interleave<T: Copy>(even: &[T], odd: &[T], dst: &mut [T]) {
     let k = interleave_blocks::<T, 16>(even, odd, dst, 0);
     let k = interleave_blocks::<T, 4>(even, odd, dst, k);
     for (i, d) in dst.iter_mut().enumerate().skip(2 * k) {
