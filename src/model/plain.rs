@@ -12,8 +12,8 @@
 //! scale, ReLU, 2x2 max pooling (the gradient to the first maximum), global average pooling. The
 //! backward includes every path AW-Net has from the input: through the backbone, through the
 //! signals into the router, and through MixBN's mixing weight into the router's type head.
-//! ReLU's gradient at exactly zero follows candle's (router: passed; backbone: not), so the two
-//! paths agree to rounding: `tests/it/model.rs` holds outputs and input gradients to the graph's
+//! ReLU passes no gradient where its input is exactly zero, as the graph's fused ReLUs (router
+//! and backbone) do, so the two paths agree to rounding: `tests/it/model.rs` holds outputs and input gradients to the graph's
 //! and autograd's, `tests/it/attacks.rs` every attack objective's loss and gradient.
 
 use std::borrow::Cow;
@@ -260,7 +260,7 @@ pub struct PlainSmallCnn {
 /// Everything one forward pass keeps for the backward, per batch.
 struct Tape {
     x_dims: [usize; 4],
-    /// Router: each convolution's input dims and pre-activation; the last output's dims.
+    /// Router: each convolution's input dims and its output after the ReLU; the last output's dims.
     router: Vec<([usize; 4], Vec<f32>)>,
     router_out_dims: [usize; 4],
     feat: Vec<f32>,
@@ -348,14 +348,14 @@ impl PlainSmallCnn {
         let mut type_logits = None;
         if let Some(r) = &self.router {
             if backward {
-                let (mut hcur, mut dims) = (Cow::Borrowed(x), x_dims);
+                let mut dims = x_dims;
                 for conv in &r.convs {
-                    let (pre, d) = conv.forward(&hcur, dims)?;
-                    hcur = Cow::Owned(relu(&pre));
-                    tape.router.push((dims, pre));
+                    let input = tape.router.last().map_or(x, |(_, y)| y);
+                    let (y, d) = conv.forward_then(input, dims, true)?;
+                    tape.router.push((dims, y));
                     dims = d;
                 }
-                tape.feat = global_avg(&hcur, dims);
+                tape.feat = global_avg(tape.router.last().map_or(x, |(_, y)| y), dims);
                 tape.router_out_dims = dims;
             } else {
                 (tape.feat, tape.router_out_dims) = r.features(x, x_dims)?;
@@ -553,16 +553,16 @@ impl PlainSmallCnn {
                 head.add_input_grad(&du, &mut dfeat);
             }
             let mut dcur = spread_avg(&dfeat, tape.router_out_dims);
-            for (conv, (in_dims, pre)) in r.convs.iter().zip(&tape.router).rev() {
+            for (conv, (in_dims, y)) in r.convs.iter().zip(&tape.router).rev() {
                 let gate = |(d, &v): (&mut f32, &f32)| {
-                    if v < 0.0 {
+                    if v <= 0.0 {
                         *d = 0.0;
                     }
                 };
                 if dcur.len() < PAR_MIN {
-                    dcur.iter_mut().zip(pre).for_each(gate);
+                    dcur.iter_mut().zip(y).for_each(gate);
                 } else {
-                    dcur.par_iter_mut().zip(pre).for_each(gate);
+                    dcur.par_iter_mut().zip(y).for_each(gate);
                 }
                 dcur = conv.input_grad(&dcur, *in_dims)?;
             }
@@ -659,15 +659,6 @@ fn spread_avg(dg: &[f32], d: [usize; 4]) -> Vec<f32> {
         out.par_chunks_mut(hw).zip(dg).for_each(fill);
     }
     out
-}
-
-/// `max(v, 0)`, elementwise.
-fn relu(v: &[f32]) -> Vec<f32> {
-    if v.len() < PAR_MIN {
-        v.iter().map(|v| v.max(0.0)).collect()
-    } else {
-        v.par_iter().map(|v| v.max(0.0)).collect()
-    }
 }
 
 fn max_pool(x: &[f32], d: [usize; 4]) -> (Vec<f32>, [usize; 4]) {

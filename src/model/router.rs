@@ -98,7 +98,7 @@ impl Router {
     pub fn forward(&self, xs: &Tensor) -> Result<RouterOutput> {
         let mut h = xs.clone();
         for conv in &self.features {
-            h = conv.forward(&h)?.relu()?;
+            h = conv.forward_relu(&h)?;
         }
         let f = global_avg_pool(&h)?; // [b, c3]
         let type_logits = self.type_out.forward(&self.type_hidden.forward(&f)?.relu()?)?;
