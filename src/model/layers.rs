@@ -214,8 +214,7 @@ impl BatchNorm {
 /// For a bias-free convolution this equals convolving sample `b` with filters
 /// `W * signal[b]`, at the cost of one multiply.
 pub fn scale_channels(ys: &Tensor, signal: &Tensor) -> Result<Tensor> {
-    let (b, c) = signal.dims2()?;
-    ys.broadcast_mul(&signal.reshape((b, c, 1, 1))?)
+    super::fused::scale_channels(ys, signal)
 }
 
 /// 2x2 max pooling with stride 2, `[b, c, h, w] -> [b, c, h/2, w/2]`; `h` and `w` must be even.
