@@ -77,6 +77,39 @@ impl Norm {
 }
 
 impl Norm {
+    /// `self(z * signal)`, then a ReLU when `relu`: a weight-varied convolution's output (AW-Net's
+    /// per-sample channel signals) through its normalisation. In eval mode the normalisation is
+    /// affine, so the signal folds into its scale and the tail is one fused pass (two without the
+    /// ReLU); training mode scales by the signal, then normalises with batch statistics.
+    pub fn forward_scaled(&self, z: &Tensor, signal: Option<&Tensor>, relu: bool, ctx: &NormCtx) -> Result<Tensor> {
+        let Some((scale, shift)) = self.eval_affine(ctx)? else {
+            let z = match signal {
+                Some(s) => super::layers::scale_channels(z, s)?,
+                None => z.clone(),
+            };
+            return if relu {
+                self.forward_relu(&z, ctx)
+            } else {
+                self.forward(&z, ctx)
+            };
+        };
+        let (scale, shift) = match signal {
+            Some(s) if scale.rank() == 1 => (
+                s.broadcast_mul(&scale.unsqueeze(0)?)?,
+                shift.unsqueeze(0)?.repeat((s.dim(0)?, 1))?,
+            ),
+            Some(s) => (s.mul(&scale)?, shift),
+            None => (scale, shift),
+        };
+        if relu {
+            return super::fused::affine_relu(z, &scale, &shift);
+        }
+        let (b, c) = (z.dim(0)?, z.dim(1)?);
+        let shape = if scale.rank() == 2 { (b, c, 1, 1) } else { (1, c, 1, 1) };
+        z.broadcast_mul(&scale.reshape(shape)?)?
+            .broadcast_add(&shift.reshape(shape)?)
+    }
+
     /// In eval mode, the normalisation as `z * scale + shift`: `[c]` coefficients for a single
     /// BN, `[b, c]` for MixBN's soft mix; `None` in training mode.
     pub fn eval_affine(&self, ctx: &NormCtx) -> Result<Option<(Tensor, Tensor)>> {

@@ -9,7 +9,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::{Conv2d, Linear, global_avg_pool, scale_channels};
+use super::layers::{Conv2d, Linear, global_avg_pool};
 use super::norm::{Norm, NormCtx};
 use super::{ConvInfo, ModelConfig, ModelKind};
 
@@ -26,16 +26,13 @@ pub(super) struct BasicBlock {
 
 impl BasicBlock {
     fn forward(&self, xs: &Tensor, signal: Option<&Tensor>, ctx: &NormCtx) -> Result<Tensor> {
-        let scale = |z: Tensor, offset: usize| -> Result<Tensor> {
-            match signal {
-                Some(s) => scale_channels(&z, &s.narrow(1, offset, self.planes)?),
-                None => Ok(z),
-            }
-        };
-        let h = scale(self.conv1.forward(xs)?, 0)?;
-        let h = self.bn1.forward_relu(&h, ctx)?;
-        let h = scale(self.conv2.forward(&h)?, self.planes)?;
-        let h = self.bn2.forward(&h, ctx)?;
+        let part = |offset: usize| signal.map(|s| s.narrow(1, offset, self.planes)).transpose();
+        let h = self
+            .bn1
+            .forward_scaled(&self.conv1.forward(xs)?, part(0)?.as_ref(), true, ctx)?;
+        let h = self
+            .bn2
+            .forward_scaled(&self.conv2.forward(&h)?, part(self.planes)?.as_ref(), false, ctx)?;
         let short = match &self.shortcut {
             Some((conv, bn)) => bn.forward(&conv.forward(xs)?, ctx)?,
             None => xs.clone(),

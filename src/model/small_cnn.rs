@@ -15,7 +15,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::{Conv2d, Linear, global_avg_pool, max_pool2x2, scale_channels};
+use super::layers::{Conv2d, Linear, global_avg_pool, max_pool2x2};
 use super::norm::{Norm, NormCtx};
 use super::{ConvInfo, ModelConfig, ModelKind};
 
@@ -76,10 +76,10 @@ impl SmallCnn {
 
     /// `xs`: `[b, c, s, s]`; `signals`: one `[b, n_j]` per block, or none for a static model.
     pub fn forward(&self, xs: &Tensor, signals: Option<&[Tensor]>, ctx: &NormCtx) -> Result<Tensor> {
-        let mut h = norm_relu(&self.stem_bn, &self.stem.forward(xs)?, None, ctx)?;
+        let mut h = self.stem_bn.forward_scaled(&self.stem.forward(xs)?, None, true, ctx)?;
         for (j, block) in self.blocks.iter().enumerate() {
             let z = block.conv.forward(&h)?;
-            h = norm_relu(&block.bn, &z, signals.map(|s| &s[j]), ctx)?;
+            h = block.bn.forward_scaled(&z, signals.map(|s| &s[j]), true, ctx)?;
             if block.pool {
                 h = max_pool2x2(&h)?;
             }
@@ -112,34 +112,5 @@ impl SmallCnn {
 
     pub fn classifier(&self) -> (&'static str, &Linear) {
         ("fc", &self.fc)
-    }
-}
-
-/// `relu(norm(z * signal))`. In eval mode the normalisation is affine, so the signal folds into
-/// its scale and the whole tail is one fused pass; training mode uses batch statistics.
-fn norm_relu(norm: &Norm, z: &Tensor, signal: Option<&Tensor>, ctx: &NormCtx) -> Result<Tensor> {
-    match norm.eval_affine(ctx)? {
-        Some((scale, shift)) => match signal {
-            Some(s) => {
-                let b = s.dim(0)?;
-                let (scale, shift) = if scale.rank() == 1 {
-                    (
-                        s.broadcast_mul(&scale.unsqueeze(0)?)?,
-                        shift.unsqueeze(0)?.repeat((b, 1))?,
-                    )
-                } else {
-                    (s.mul(&scale)?, shift)
-                };
-                super::fused::affine_relu(z, &scale, &shift)
-            }
-            None => super::fused::affine_relu(z, &scale, &shift),
-        },
-        None => {
-            let z = match signal {
-                Some(s) => scale_channels(z, s)?,
-                None => z.clone(),
-            };
-            norm.forward_relu(&z, ctx)
-        }
     }
 }
