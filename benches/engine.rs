@@ -4,7 +4,8 @@
 //! Workloads, on real Fashion-MNIST images (the bundled subset), batch 128 unless said:
 //! inference (as an evaluation runs it, through one snapshot of the weights); a standard training step; a PGD-10 adversarial training step (PGD-AT); an AW-Net
 //! distillation step with two teachers; one PGD-20 attack on one image (latency); PGD-20 on
-//! 1,000 images; peak memory. Each number is the median of several timed runs after a warm-up.
+//! 1,000 images; AW-Net's time over the static model's (inference, and forward + backward in
+//! training mode); peak memory. Each number is the median of several timed runs after a warm-up.
 //! Set AWNET_BENCH_PYTHON to the Python that has PyTorch (default `python3`),
 //! AWNET_BENCH_ONLY=key,key to run some workloads only, and AWNET_BENCH_ROUNDS=n to alternate n
 //! rounds of both engines (medians over the rounds, each ratio taken within its round).
@@ -14,7 +15,7 @@ use std::time::Instant;
 
 use awnet_lab::attack::{self, AttackConfig, AttackKind};
 use awnet_lab::data::{self, Split};
-use awnet_lab::model::{Arch, Model, ModelConfig, ModelKind, conv};
+use awnet_lab::model::{Arch, BatchType, Mode, Model, ModelConfig, ModelKind, conv};
 use awnet_lab::observe::Outcome;
 use awnet_lab::train::{self, Method, Optimizer, Run, RunState, TrainConfig};
 use candle_core::{DType, Device};
@@ -55,6 +56,23 @@ fn model(kind: ModelKind, seed: u64) -> Model {
     let mut c = ModelConfig::new(Arch::SmallCnn, kind, 1, 28, 10);
     c.width = 32;
     Model::new(c, seed, DType::F32, &Device::Cpu).expect("the small CNN builds")
+}
+
+/// `median(time of f(1)) / median(time of f(0))` over `runs` calls of each, alternating, after
+/// one untimed call of each.
+fn alternate(runs: usize, f: impl Fn(usize)) -> f64 {
+    f(0);
+    f(1);
+    let mut t = [Vec::new(), Vec::new()];
+    for _ in 0..runs {
+        for (k, t) in t.iter_mut().enumerate() {
+            let start = Instant::now();
+            f(k);
+            t.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let [a, b] = t;
+    median(b) / median(a)
 }
 
 struct Row {
@@ -100,6 +118,37 @@ fn main() {
                 unit: "img/s",
                 value: 128.0 / s,
             });
+        }
+
+        // AW-Net's own cost (router, signals, MixBN): its time over the static model's, one call
+        // of each in turn so that the host's drift cancels; inference as above, and a training-mode
+        // forward and backward pass (clean batch, cross-entropy) through candle's graph.
+        if want("awnet_overhead") {
+            let frozen = [stat.frozen().unwrap(), aw.frozen().unwrap()];
+            let nets = frozen.each_ref().map(|f| attack::Snapshot::new(f).unwrap());
+            let infer = alternate(15, |k| {
+                attack::predict(&nets[k], &xs).unwrap();
+            });
+            let labels = candle_core::Tensor::new(ys.as_slice(), &dev).unwrap();
+            let models = [&stat, &aw];
+            let train = alternate(7, |k| {
+                awnet_lab::on_pool(|| {
+                    let f = models[k].forward(&xs, Mode::Train(BatchType::Clean)).unwrap();
+                    let loss = candle_nn::loss::cross_entropy(&f.logits, &labels).unwrap();
+                    loss.backward().unwrap();
+                })
+            });
+            for (key, what, value) in [
+                ("awnet_overhead_infer", "AW-Net / static time: inference", infer),
+                ("awnet_overhead_train", "  forward + backward, training mode", train),
+            ] {
+                rows.push(Row {
+                    key,
+                    what,
+                    unit: "x",
+                    value,
+                });
+            }
         }
 
         let held = &ds;
@@ -349,8 +398,13 @@ fn main() {
                 format!("{:.2}x [{lo:.2}-{hi:.2}]", median(ratios.clone()))
             }
         };
+        let ours = if r.unit == "x" {
+            format!("{ours:.2}")
+        } else {
+            format!("{ours:.1}")
+        };
         println!(
-            "{:<52} {:>8.1} {:<3} {:>8} {:<3} {:>8}",
+            "{:<52} {:>8} {:<3} {:>8} {:<3} {:>8}",
             r.what,
             ours,
             r.unit,
