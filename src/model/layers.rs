@@ -5,7 +5,7 @@
 //! `1/(k*k)`, so pooling is a reshape and a `max`; and `candle_nn::BatchNorm` is replaced by one
 //! that exposes its eval-mode affine form, which MixBN mixes per sample.
 
-use candle_core::{D, Result, Tensor, Var};
+use candle_core::{Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder, init};
 
 /// A 2-D convolution, `[b, c_in, h, w] -> [b, c_out, h', w']`, square kernel, optional bias.
@@ -225,5 +225,5 @@ pub fn max_pool2x2(xs: &Tensor) -> Result<Tensor> {
 
 /// Mean over the spatial axes, `[b, c, h, w] -> [b, c]`.
 pub fn global_avg_pool(xs: &Tensor) -> Result<Tensor> {
-    xs.mean(D::Minus1)?.mean(D::Minus1)
+    super::fused::global_avg_pool(xs)
 }
