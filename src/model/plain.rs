@@ -13,8 +13,9 @@
 //! backward includes every path AW-Net has from the input: through the backbone, through the
 //! signals into the router, and through MixBN's mixing weight into the router's type head.
 //! ReLU passes no gradient where its input is exactly zero, as the graph's fused ReLUs (router
-//! and backbone) do, so the two paths agree to rounding: `tests/it/model.rs` holds outputs and input gradients to the graph's
-//! and autograd's, `tests/it/attacks.rs` every attack objective's loss and gradient.
+//! and backbone) do, so the two paths agree to rounding: `tests/it/model.rs` holds outputs and
+//! input gradients to the graph's and autograd's, `tests/it/attacks.rs` every attack objective's
+//! loss and gradient.
 
 use std::borrow::Cow;
 use std::ops::Range;
