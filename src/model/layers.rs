@@ -50,14 +50,13 @@ impl Conv2d {
         }
     }
 
-    /// `relu(self.forward(xs))`, the bias and the ReLU in one fused pass each way: candle's
-    /// backward of the broadcast bias is a single-threaded sum over the whole output, most of
-    /// the router's cost in an AW-Net training step.
+    /// `relu(self.forward(xs))`, the convolution, bias and ReLU as one op (`conv2d_bias_relu`):
+    /// candle's backward of the broadcast bias is a single-threaded sum over the whole output,
+    /// most of the router's cost in an AW-Net training step.
     pub fn forward_relu(&self, xs: &Tensor) -> Result<Tensor> {
-        let ys = super::conv::conv2d(xs, &self.weight, self.stride, self.padding)?;
         match &self.bias {
-            Some(b) => super::fused::affine_relu(&ys, &b.ones_like()?, b),
-            None => ys.relu(),
+            Some(b) => super::conv::conv2d_bias_relu(xs, &self.weight, b, self.stride, self.padding),
+            None => super::conv::conv2d(xs, &self.weight, self.stride, self.padding)?.relu(),
         }
     }
 
