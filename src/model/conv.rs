@@ -1155,7 +1155,7 @@ impl ConvBiasRelu {
 }
 
 /// `f(p, plane)` for every `hw`-value plane of `v`, on rayon's pool for a large `v`.
-fn each_plane<T: Send>(v: &mut [T], hw: usize, f: impl Fn(usize, &mut [T]) + Send + Sync) {
+pub(crate) fn each_plane<T: Send>(v: &mut [T], hw: usize, f: impl Fn(usize, &mut [T]) + Send + Sync) {
     if v.len() < PAR_MIN {
         v.chunks_mut(hw.max(1)).enumerate().for_each(|(p, c)| f(p, c));
     } else {
@@ -1204,7 +1204,7 @@ fn relu_masked<T: WithDType>(dy: &[T], y: &[T], c: usize, hw: usize) -> (Vec<T>,
 }
 
 /// A contiguous CPU tensor's values, as a `T` slice, for the duration of `f`.
-fn with_values<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+pub(super) fn with_values<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {

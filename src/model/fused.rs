@@ -4,18 +4,12 @@
 //! one pass each way and compute only the gradients that are needed. f32 on the CPU; other
 //! tensors take the plain candle ops, which agree to rounding.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 /// A contiguous f32 CPU view of a tensor for the duration of `f`.
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
-        bail!("fused kernels take f32 CPU tensors")
-    };
-    let (a, b) = layout.contiguous_offsets().expect("contiguous");
-    f(&data[a..b])
+    super::conv::with_values(t, f)
 }
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {

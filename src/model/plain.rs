@@ -23,7 +23,7 @@ use std::ops::Range;
 use candle_core::{DType, Result, Tensor, bail};
 use rayon::prelude::*;
 
-use super::conv::{Kept, Mat, PAR_MIN, forward_slices, input_grad_slices, matmul, zeros};
+use super::conv::{Kept, Mat, PAR_MIN, each_plane, forward_slices, input_grad_slices, matmul, zeros};
 use super::layers::{Conv2d, Linear};
 use super::norm::Norm;
 use super::pair;
@@ -100,19 +100,14 @@ impl PConv {
         let (mut y, d) = forward_slices(x, x_dims, &self.w, self.w_dims, self.stride, self.pad, Some(&self.kept))?;
         if self.bias.is_some() || relu {
             let hw = d[2] * d[3];
-            let add = |(p, plane): (usize, &mut [f32])| {
+            each_plane(&mut y, hw, |p, plane| {
                 let b = self.bias.as_ref().map_or(0.0, |bias| bias[p % d[1]]);
                 if relu {
                     plane.iter_mut().for_each(|v| *v = (*v + b).max(0.0));
                 } else {
                     plane.iter_mut().for_each(|v| *v += b);
                 }
-            };
-            if y.len() < PAR_MIN {
-                y.chunks_mut(hw).enumerate().for_each(add);
-            } else {
-                y.par_chunks_mut(hw).enumerate().for_each(add);
-            }
+            });
         }
         Ok((y, d))
     }
@@ -653,12 +648,7 @@ fn head_grad(fc: &PLinear, dlogits: &[f32], b: usize, d: [usize; 4]) -> Vec<f32>
 fn spread_avg(dg: &[f32], d: [usize; 4]) -> Vec<f32> {
     let hw = d[2] * d[3];
     let mut out = zeros(dg.len() * hw);
-    let fill = |(plane, &g): (&mut [f32], &f32)| plane.fill(g / hw as f32);
-    if out.len() < PAR_MIN {
-        out.chunks_mut(hw).zip(dg).for_each(fill);
-    } else {
-        out.par_chunks_mut(hw).zip(dg).for_each(fill);
-    }
+    each_plane(&mut out, hw, |p, plane| plane.fill(dg[p] / hw as f32));
     out
 }
 

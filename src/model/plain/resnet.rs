@@ -16,7 +16,7 @@ use candle_core::{Result, bail};
 use rayon::prelude::*;
 
 use super::{PConv, PLinear, PNorm, PlainOutput, global_avg, head_grad};
-use crate::model::conv::PAR_MIN;
+use crate::model::conv::{PAR_MIN, each_plane};
 use crate::model::norm::Norm;
 use crate::model::resnet::ResNet18;
 
@@ -61,15 +61,6 @@ struct Tape {
     stem: (Vec<f32>, [usize; 4]),
     /// Per block: the first ReLU's output, the block's output.
     blocks: Vec<[(Vec<f32>, [usize; 4]); 2]>,
-}
-
-/// `f(p, plane)` for every `hw`-sized plane `p` of `v`, on rayon's pool for large buffers.
-fn planes(v: &mut [f32], hw: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
-    if v.len() < PAR_MIN {
-        v.chunks_mut(hw).enumerate().for_each(|(p, s)| f(p, s));
-    } else {
-        v.par_chunks_mut(hw).enumerate().for_each(|(p, s)| f(p, s));
-    }
 }
 
 impl PlainResnet {
@@ -192,7 +183,7 @@ impl PlainResnet {
 /// `z = max(z * scale + shift + residual, 0)` per channel, in place.
 fn affine_relu(z: &mut [f32], d: [usize; 4], bn: &Affine, residual: Option<&[f32]>) {
     let (c, hw) = (d[1], d[2] * d[3]);
-    planes(z, hw, |p, z| {
+    each_plane(z, hw, |p, z| {
         let (a, s) = (bn.scale[p % c], bn.shift[p % c]);
         match residual {
             Some(r) => {
@@ -208,7 +199,7 @@ fn affine_relu(z: &mut [f32], d: [usize; 4], bn: &Affine, residual: Option<&[f32
 /// `z = z * scale + shift` per channel, in place.
 fn affine(z: &mut [f32], d: [usize; 4], bn: &Affine) {
     let (c, hw) = (d[1], d[2] * d[3]);
-    planes(z, hw, |p, z| {
+    each_plane(z, hw, |p, z| {
         let (a, s) = (bn.scale[p % c], bn.shift[p % c]);
         z.iter_mut().for_each(|z| *z = *z * a + s);
     });
@@ -218,7 +209,7 @@ fn affine(z: &mut [f32], d: [usize; 4], bn: &Affine) {
 /// output is `y`, then through the BatchNorm before it.
 fn mask(g: &mut [f32], y: &[f32], d: [usize; 4], bn: Option<&Affine>) {
     let (c, hw) = (d[1], d[2] * d[3]);
-    planes(g, hw, |p, g| {
+    each_plane(g, hw, |p, g| {
         let a = bn.map_or(1.0, |bn| bn.scale[p % c]);
         let y = &y[p * hw..(p + 1) * hw];
         for (g, &y) in g.iter_mut().zip(y) {
