@@ -126,8 +126,8 @@ pub struct App {
     attack_worker: Option<AttackWorker>,
     /// Cancels the Router analysis in flight.
     router_stop: StopFlag,
-    /// Data set description, once resolved.
-    pub data_description: Option<String>,
+    /// The training data, described, or why it cannot be used; `None` while it resolves.
+    pub data_description: Option<Result<String, String>>,
     /// Commands are recorded in `sent` instead of executed (tests).
     pub dry_run: bool,
     pub sent: Vec<Command>,
@@ -191,7 +191,12 @@ impl App {
             options.models
         };
         app.outbox.extend(models.into_iter().map(Command::OpenModel));
-        app.outbox.push(Command::SetData(app.settings.data.clone()));
+        // Training data is checked quietly at start: without Debian's full Fashion-MNIST the data
+        // panel says so, and only starting a run (or choosing other data) raises an error.
+        app.outbox.push(Command::SetData {
+            name: app.settings.data.clone(),
+            announce: false,
+        });
         app
     }
 
@@ -437,7 +442,10 @@ impl App {
             .response
             .on_hover_text("By name: $AWNET_DATA, then Debian's package, then the bundled subset");
         if data != self.settings.data {
-            self.outbox.push(Command::SetData(data));
+            self.outbox.push(Command::SetData {
+                name: data,
+                announce: true,
+            });
         }
         if ui
             .button("Folder…")
@@ -446,7 +454,11 @@ impl App {
         {
             self.outbox.push(Command::Pick(PickPurpose::DataFolder));
         }
-        ui.label(self.data_description.as_deref().unwrap_or("resolving…"));
+        match &self.data_description {
+            None => ui.label("resolving…"),
+            Some(Ok(d)) => ui.label(d),
+            Some(Err(e)) => ui.colored_label(ui.visuals().error_fg_color, e),
+        };
     }
 
     fn tab(&mut self, ui: &mut Ui) {
@@ -597,7 +609,10 @@ impl App {
                     PickPurpose::TeacherClean => self.settings.train.teacher_clean = text,
                     PickPurpose::TeacherRobust => self.settings.train.teacher_robust = text,
                     PickPurpose::TrainOutput => self.settings.train.out = text,
-                    PickPurpose::DataFolder => self.outbox.push(Command::SetData(text)),
+                    PickPurpose::DataFolder => self.outbox.push(Command::SetData {
+                        name: text,
+                        announce: true,
+                    }),
                     PickPurpose::AttackImage => self.attack.source = Some(ImageSource::File(path)),
                     PickPurpose::ExportFigures => {
                         self.settings.export_dir = Some(path.clone());
@@ -668,9 +683,12 @@ impl App {
                     }
                 }
             }
-            Event::DataDescribed(d) => {
+            Event::DataDescribed { result, announce } => {
                 self.pending_jobs = self.pending_jobs.saturating_sub(1);
-                self.data_description = Some(d);
+                if let (Err(e), true) = (&result, announce) {
+                    self.notify(e.clone(), true);
+                }
+                self.data_description = Some(result);
             }
             Event::Attack { generation, result } => {
                 if self.attack.accept(generation, result.map(|o| o.map(|b| *b)))
@@ -822,15 +840,15 @@ impl App {
                     Event::Picked(purpose, path)
                 });
             }
-            Command::SetData(name) => {
+            Command::SetData { name, announce } => {
                 self.settings.data = name.clone();
                 self.data_description = None;
                 self.pending_jobs += 1;
                 worker::spawn_job("awnet-data", tx, waker, move || {
-                    match crate::data::load(&name, crate::data::Split::Train, None) {
-                        Ok(ds) => Event::DataDescribed(ds.describe()),
-                        Err(e) => Event::Error(format!("cannot use the data '{name}': {}", worker::chain(&e))),
-                    }
+                    let result = crate::data::load(&name, crate::data::Split::Train, None)
+                        .map(|ds| ds.describe())
+                        .map_err(|e| format!("cannot use the data '{name}': {}", worker::chain(&e)));
+                    Event::DataDescribed { result, announce }
                 });
             }
             Command::AnalyseFilters(request) => {

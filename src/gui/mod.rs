@@ -25,7 +25,12 @@ pub enum Command {
     OpenModel(PathBuf),
     CloseModel(usize),
     Pick(PickPurpose),
-    SetData(String),
+    /// Use this data for training: a name or a folder. `announce`: a failure is also a
+    /// notification (the user chose it), not only the data panel's text (the start-up check).
+    SetData {
+        name: String,
+        announce: bool,
+    },
     AnalyseFilters(filters_tab::FiltersRequest),
     AnalyseRouter(router_tab::RouterRequest),
     CancelRouter,

@@ -22,8 +22,11 @@ pub enum Event {
         cancelled: bool,
     },
     ModelLoaded(Box<ModelSummary>),
-    /// The dataset in use, described.
-    DataDescribed(String),
+    /// The dataset in use, described, or why it cannot be used (see `Command::SetData`).
+    DataDescribed {
+        result: Result<String, String>,
+        announce: bool,
+    },
     /// The run failed (or its thread panicked); the message carries the cause chain.
     TrainFailed(String),
     /// A background job failed; the message carries the cause chain.

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use awnet_lab::gui::worker::{Event, TrainRequest};
-use awnet_lab::gui::{App, Command, StartOptions, Tab};
+use awnet_lab::gui::worker::{Event, PickPurpose, TrainRequest};
+use awnet_lab::gui::{App, Command, Settings, StartOptions, Tab};
 use awnet_lab::train::{EpochReport, StepReport, TrainEvent};
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
@@ -172,6 +172,56 @@ fn opening_a_corrupt_model_is_a_notification() {
     assert!(h.state().models.is_empty());
     h.run_steps(4);
     h.get_by_label("Start");
+}
+
+/// Training data that cannot be found (here a missing folder; on a machine without Debian's
+/// full Fashion-MNIST, the default) is said in the data panel at start, not raised as an error;
+/// choosing it again through the folder dialog is an error notification.
+#[test]
+fn missing_training_data_is_quiet_at_start_and_an_error_when_chosen() {
+    let missing = std::env::temp_dir().join("awnet-no-such-data-folder");
+    let settings = Settings {
+        data: missing.display().to_string(),
+        ..Settings::default()
+    };
+    let app = App::new(
+        StartOptions {
+            models: vec![PathBuf::from("models/standard.safetensors")],
+            tab: Some(Tab::Train),
+            screenshot: None,
+        },
+        Some(settings),
+        None,
+    );
+    let mut h = harness(app);
+    let settle = |h: &mut Harness<'static, App>| {
+        for _ in 0..500 {
+            h.step();
+            if h.state().data_description.is_some() && !h.state().models.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    settle(&mut h);
+    let Some(Err(why)) = &h.state().data_description else {
+        panic!("{:?}", h.state().data_description)
+    };
+    assert!(why.contains("awnet-no-such-data-folder"), "{why}");
+    assert!(h.state().notifications.is_empty(), "{:?}", h.state().notifications);
+    h.get_by_label_contains("cannot use the data");
+    h.state_mut()
+        .inject(Event::Picked(PickPurpose::DataFolder, Some(missing.clone())));
+    h.state_mut().data_description = None;
+    h.run_steps(2);
+    settle(&mut h);
+    let n = &h.state().notifications;
+    assert_eq!(n.len(), 1, "{n:?}");
+    assert!(
+        n[0].error && n[0].text.contains("awnet-no-such-data-folder"),
+        "{}",
+        n[0].text
+    );
 }
 
 /// Every model file of the malformed corpus, opened at once through the file dialog's command:
