@@ -492,9 +492,10 @@ mod tests {
     }
 }
 
-/// Train-mode batch normalisation with precomputed batch statistics:
+/// Train-mode batch normalisation with precomputed batch statistics, of `x = z * s[b, c]`:
 /// `y = (x - mean[c]) * invstd[c] * weight[c] + bias[c]` over `[b, c, h, w]`, followed by a ReLU
-/// when `relu` is set (then the gradient passes only where `y > 0`).
+/// when `relu` is set (then the gradient passes only where `y > 0`). `s` is AW-Net's per-sample
+/// channel signal, ones for a static model; the op's inputs are `z`, `s` and `[weight; bias]`.
 struct BatchNormTrain {
     mean: Vec<f32>,
     invstd: Vec<f32>,
@@ -505,6 +506,53 @@ impl BatchNormTrain {
     fn plane(&self, c: usize, p: usize) -> (f32, f32) {
         (self.mean[p % c], self.invstd[p % c])
     }
+}
+
+/// One plane's sums for the backward pass, each over its `hw` values: the masked gradient `g`,
+/// `g * xhat`, and for the signal's gradient `g * z`, `xhat * z` and `z`.
+#[derive(Clone, Copy, Default)]
+struct PlaneSums {
+    g: f32,
+    gx: f32,
+    gz: f32,
+    xz: f32,
+    z: f32,
+}
+
+/// [`PlaneSums`] of one plane, in 8 lanes so that the sums vectorise; `SIGNAL` adds the three
+/// sums that only the signal's gradient needs. `xhat = (z * s - m) * is`.
+fn plane_sums<const SIGNAL: bool>(
+    dy: &[f32],
+    y: &[f32],
+    z: &[f32],
+    (s, m, is): (f32, f32, f32),
+    relu: bool,
+) -> PlaneSums {
+    // A mask multiply rather than a branch, which the compiler keeps scalar.
+    let gate = |dy: f32, y: f32| dy * f32::from(u8::from(!(relu && y <= 0.0)));
+    let mut acc = [[0f32; 8]; 5];
+    let mut add = |l: usize, dy: f32, y: f32, z: f32| {
+        let g = gate(dy, y);
+        let xh = (z * s - m) * is;
+        acc[0][l] += g;
+        acc[1][l] += g * xh;
+        if SIGNAL {
+            acc[2][l] += g * z;
+            acc[3][l] += xh * z;
+            acc[4][l] += z;
+        }
+    };
+    let ((dy8, dy_rest), (y8, y_rest), (z8, z_rest)) = (dy.as_chunks::<8>(), y.as_chunks::<8>(), z.as_chunks::<8>());
+    for ((dy, y), z) in dy8.iter().zip(y8).zip(z8) {
+        for l in 0..8 {
+            add(l, dy[l], y[l], z[l]);
+        }
+    }
+    for ((&dy, &y), &z) in dy_rest.iter().zip(y_rest).zip(z_rest) {
+        add(0, dy, y, z);
+    }
+    let [g, gx, gz, xz, z] = acc.map(|a| a.iter().sum::<f32>());
+    PlaneSums { g, gx, gz, xz, z }
 }
 
 impl CustomOp3 for BatchNormTrain {
@@ -521,15 +569,16 @@ impl CustomOp3 for BatchNormTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (z, s, wb) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let (_, c, h, wd) = l1.shape().dims4()?;
         let hw = h * wd;
+        let (w, b) = wb.split_at(c);
         let relu = self.relu;
-        let y = planes(x.len() / hw.max(1), hw, |p| {
+        let y = planes(z.len() / hw.max(1), hw, |p| {
             let (m, is) = self.plane(c, p);
-            let (a, s) = (is * w[p % c], b[p % c] - m * is * w[p % c]);
-            x[p * hw..(p + 1) * hw].iter().map(move |&x| {
-                let v = x * a + s;
+            let (a, sh) = (s[p] * is * w[p % c], b[p % c] - m * is * w[p % c]);
+            z[p * hw..(p + 1) * hw].iter().map(move |&z| {
+                let v = z * a + sh;
                 if relu { v.max(0.0) } else { v }
             })
         });
@@ -538,78 +587,88 @@ impl CustomOp3 for BatchNormTrain {
 
     fn bwd(
         &self,
-        x: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
+        z: &Tensor,
+        s: &Tensor,
+        wb: &Tensor,
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, c, h, w) = x.dims4()?;
+        let (b, c, h, w) = z.dims4()?;
         let hw = h * w;
         let n = (b * hw) as f32;
         let relu = self.relu;
-        // The gradient at the normalised value: dy, or 0 where the ReLU cut it off.
-        // Per channel: sum it and sum it times xhat.
-        let (sums, dx) = with_f32(dy, |dy| {
+        let signal = s.track_op();
+        // With g the gradient at the normalised value (dy, or 0 where the ReLU cut it off) and
+        // xhat the normalised value, per channel: S = sum(g), SX = sum(g * xhat); then
+        // dx = k (n g - S - xhat SX) with k = weight * invstd / n, dz = dx * s, and
+        // ds = sum(dx * z) = k (n sum(g z) - S sum(z) - SX sum(xhat z)) from the plane sums.
+        let (sums, dz, ds) = with_f32(dy, |dy| {
             with_f32(y, |y| {
-                with_f32(x, |xv| {
-                    with_f32(weight, |wt| {
-                        // A mask multiply rather than a branch, which the compiler keeps scalar.
-                        let gate = |dy: f32, y: f32| dy * f32::from(u8::from(!(relu && y <= 0.0)));
-                        let plane_sums: Vec<(f32, f32)> = (0..b * c)
-                            .into_par_iter()
-                            .map(|p| {
-                                let (m, is) = self.plane(c, p);
-                                let r = p * hw..(p + 1) * hw;
-                                let (dy, y, x) = (&dy[r.clone()], &y[r.clone()], &xv[r]);
-                                // In 8 lanes, so that the sums vectorise.
-                                let (mut s, mut sx) = ([0f32; 8], [0f32; 8]);
-                                let ((dy8, dy_rest), (y8, y_rest)) = (dy.as_chunks::<8>(), y.as_chunks::<8>());
-                                let (x8, x_rest) = x.as_chunks::<8>();
-                                for ((dy, y), x) in dy8.iter().zip(y8).zip(x8) {
-                                    for l in 0..8 {
-                                        let g = gate(dy[l], y[l]);
-                                        s[l] += g;
-                                        sx[l] += g * (x[l] - m) * is;
+                with_f32(z, |zv| {
+                    with_f32(s, |sv| {
+                        with_f32(wb, |wt| {
+                            let per_plane: Vec<PlaneSums> = (0..b * c)
+                                .into_par_iter()
+                                .map(|p| {
+                                    let (m, is) = self.plane(c, p);
+                                    let r = p * hw..(p + 1) * hw;
+                                    let (dy, y, z) = (&dy[r.clone()], &y[r.clone()], &zv[r]);
+                                    if signal {
+                                        plane_sums::<true>(dy, y, z, (sv[p], m, is), relu)
+                                    } else {
+                                        plane_sums::<false>(dy, y, z, (sv[p], m, is), relu)
                                     }
-                                }
-                                for ((&dy, &y), &x) in dy_rest.iter().zip(y_rest).zip(x_rest) {
-                                    let g = gate(dy, y);
-                                    s[0] += g;
-                                    sx[0] += g * (x - m) * is;
-                                }
-                                (s.iter().sum::<f32>(), sx.iter().sum::<f32>())
-                            })
-                            .collect();
-                        let mut sums = vec![(0f32, 0f32); c];
-                        for (p, (s, sx)) in plane_sums.into_iter().enumerate() {
-                            sums[p % c].0 += s;
-                            sums[p % c].1 += sx;
-                        }
-                        let dx = x.track_op().then(|| {
-                            planes(b * c, hw, |p| {
-                                let (m, is) = self.plane(c, p);
-                                let (sg, sgx) = sums[p % c];
-                                let k = wt[p % c] * is / n;
-                                let r = p * hw..(p + 1) * hw;
-                                dy[r.clone()]
+                                })
+                                .collect();
+                            let mut sums = vec![(0f32, 0f32); c];
+                            for (p, q) in per_plane.iter().enumerate() {
+                                sums[p % c].0 += q.g;
+                                sums[p % c].1 += q.gx;
+                            }
+                            let k = |ch: usize| wt[ch] * self.invstd[ch] / n;
+                            let ds = signal.then(|| {
+                                per_plane
                                     .iter()
-                                    .zip(&y[r.clone()])
-                                    .zip(&xv[r])
-                                    .map(move |((&dy, &y), &x)| k * (n * gate(dy, y) - sg - (x - m) * is * sgx))
-                            })
-                        });
-                        Ok((sums, dx))
+                                    .enumerate()
+                                    .map(|(p, q)| {
+                                        let (sg, sgx) = sums[p % c];
+                                        k(p % c) * (n * q.gz - sg * q.z - sgx * q.xz)
+                                    })
+                                    .collect::<Vec<f32>>()
+                            });
+                            let dz =
+                                z.track_op().then(|| {
+                                    planes(b * c, hw, |p| {
+                                        let (m, is) = self.plane(c, p);
+                                        let (sg, sgx) = sums[p % c];
+                                        let (sp, kp) = (sv[p], k(p % c));
+                                        let r = p * hw..(p + 1) * hw;
+                                        let gate = move |dy: f32, y: f32| dy * f32::from(u8::from(!(relu && y <= 0.0)));
+                                        dy[r.clone()].iter().zip(&y[r.clone()]).zip(&zv[r]).map(
+                                            move |((&dy, &y), &z)| {
+                                                let xh = (z * sp - m) * is;
+                                                kp * sp * (n * gate(dy, y) - sg - xh * sgx)
+                                            },
+                                        )
+                                    })
+                                });
+                            Ok((sums, dz, ds))
+                        })
                     })
                 })
             })
         })?;
-        let dev = x.device();
-        let dx = dx.map(|v| Tensor::from_vec(v, (b, c, h, w), dev)).transpose()?;
-        let per = |f: fn(&(f32, f32)) -> f32| Tensor::from_vec(sums.iter().map(f).collect::<Vec<f32>>(), c, dev);
-        let dweight = if weight.track_op() { Some(per(|s| s.1)?) } else { None };
-        let dbias = if bias.track_op() { Some(per(|s| s.0)?) } else { None };
-        Ok((dx, dweight, dbias))
+        let dev = z.device();
+        let dz = dz.map(|v| Tensor::from_vec(v, (b, c, h, w), dev)).transpose()?;
+        let ds = ds.map(|v| Tensor::from_vec(v, (b, c), dev)).transpose()?;
+        let dwb = wb
+            .track_op()
+            .then(|| {
+                let v: Vec<f32> = sums.iter().map(|s| s.1).chain(sums.iter().map(|s| s.0)).collect();
+                Tensor::from_vec(v, 2 * c, dev)
+            })
+            .transpose()?;
+        Ok((dz, ds, dwb))
     }
 }
 
@@ -627,55 +686,73 @@ fn lane_sum(v: &[f32], f: impl Fn(f64) -> f64) -> f64 {
     acc.iter().sum::<f64>() + rest.iter().map(|&v| f(f64::from(v))).sum::<f64>()
 }
 
-/// Train-mode batch normalisation of `[b, c, h, w]` f32 CPU input with batch statistics, one
-/// pass for the statistics and one for the output, with a ReLU after it when `relu` is set;
-/// returns the output and the batch mean and biased variance (`[c]`, detached) for the running
-/// statistics. `None` for other tensors.
+/// Train-mode batch normalisation of `z * signal` (`z` `[b, c, h, w]` f32 on the CPU, `signal`
+/// `[b, c]` or none) with batch statistics, one pass for the mean, one for the variance and one
+/// for the output, with a ReLU after it when `relu` is set. The signal never makes a tensor of its
+/// own: the passes scale each plane as they read it, and the backward pass gives the signal's
+/// gradient from per-plane sums it takes anyway. Returns the output and the batch mean and
+/// biased variance (`[c]`, detached) for the running statistics; `None` for other tensors.
 pub fn batch_norm_train(
-    x: &Tensor,
+    z: &Tensor,
+    signal: Option<&Tensor>,
     weight: &Tensor,
     bias: &Tensor,
     eps: f64,
     relu: bool,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-    if !fusable(&[x, weight, bias]) {
+    let (b, c, h, w) = z.dims4()?;
+    if signal.is_some_and(|s| s.dims() != [b, c]) {
+        bail!(
+            "batch_norm_train: signal {:?} for input {:?}",
+            signal.map(Tensor::dims),
+            z.dims()
+        );
+    }
+    if !fusable(&[z, weight, bias]) || signal.is_some_and(|s| !fusable(&[s])) {
         return Ok(None);
     }
-    let (b, c, h, w) = x.dims4()?;
+    let s = match signal {
+        Some(s) => s.contiguous()?,
+        None => Tensor::ones((b, c), DType::F32, z.device())?,
+    };
     let hw = h * w;
     let n = (b * hw) as f64;
-    let x = x.contiguous()?;
-    let (mean, var) = with_f32(&x, |xv| {
-        let sums: Vec<f64> = (0..b * c)
-            .into_par_iter()
-            .map(|p| lane_sum(&xv[p * hw..(p + 1) * hw], |v| v))
-            .collect();
-        let mut mean = vec![0f64; c];
-        for (p, s) in sums.iter().enumerate() {
-            mean[p % c] += s;
-        }
-        mean.iter_mut().for_each(|m| *m /= n);
-        let sq: Vec<f64> = (0..b * c)
-            .into_par_iter()
-            .map(|p| {
-                let m = mean[p % c];
-                lane_sum(&xv[p * hw..(p + 1) * hw], |v| (v - m) * (v - m))
-            })
-            .collect();
-        let mut var = vec![0f64; c];
-        for (p, s) in sq.iter().enumerate() {
-            var[p % c] += s;
-        }
-        var.iter_mut().for_each(|v| *v /= n);
-        Ok((mean, var))
+    let z = z.contiguous()?;
+    let (mean, var) = with_f32(&z, |zv| {
+        with_f32(&s, |sv| {
+            let plane = |p: usize| &zv[p * hw..(p + 1) * hw];
+            let sums: Vec<f64> = (0..b * c)
+                .into_par_iter()
+                .map(|p| f64::from(sv[p]) * lane_sum(plane(p), |v| v))
+                .collect();
+            let mut mean = vec![0f64; c];
+            for (p, s) in sums.iter().enumerate() {
+                mean[p % c] += s;
+            }
+            mean.iter_mut().for_each(|m| *m /= n);
+            let sq: Vec<f64> = (0..b * c)
+                .into_par_iter()
+                .map(|p| {
+                    let (m, sp) = (mean[p % c], f64::from(sv[p]));
+                    lane_sum(plane(p), |v| (v * sp - m) * (v * sp - m))
+                })
+                .collect();
+            let mut var = vec![0f64; c];
+            for (p, s) in sq.iter().enumerate() {
+                var[p % c] += s;
+            }
+            var.iter_mut().for_each(|v| *v /= n);
+            Ok((mean, var))
+        })
     })?;
     let op = BatchNormTrain {
         mean: mean.iter().map(|&m| m as f32).collect(),
         invstd: var.iter().map(|&v| (1.0 / (v + eps).sqrt()) as f32).collect(),
         relu,
     };
-    let y = x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
-    let dev = x.device();
+    let wb = Tensor::cat(&[weight, bias], 0)?;
+    let y = z.apply_op3(&s, &wb, op)?;
+    let dev = z.device();
     let to = |v: Vec<f64>| Tensor::from_vec(v.into_iter().map(|x| x as f32).collect::<Vec<f32>>(), c, dev);
     Ok(Some((y, to(mean)?, to(var)?)))
 }
@@ -687,16 +764,18 @@ mod bn_tests {
     use candle_core::{Device, Var};
     use candle_nn::{VarBuilder, VarMap};
 
-    /// The fused train-mode BN, with and without its ReLU, against the composite ops in f64:
-    /// output, the three gradients, and the running statistics it leaves.
+    /// The fused train-mode BN, with and without its ReLU and AW-Net's signal, against the
+    /// composite ops in f64: output, every gradient, and the running statistics it leaves.
     #[test]
     fn fused_train_batch_norm_matches_the_composite() {
         for relu in [false, true] {
-            fused_train_batch_norm_case(relu);
+            for signal in [false, true] {
+                fused_train_batch_norm_case(relu, signal);
+            }
         }
     }
 
-    fn fused_train_batch_norm_case(relu: bool) {
+    fn fused_train_batch_norm_case(relu: bool, signal: bool) {
         let make = |dtype: DType| {
             let vm = VarMap::new();
             let vb = VarBuilder::from_varmap(&vm, dtype, &Device::Cpu);
@@ -718,6 +797,8 @@ mod bn_tests {
         };
         let x0: Vec<f64> = (0..2 * 3 * 4 * 5).map(|i| ((i * 37 % 23) as f64) / 7.0 - 1.5).collect();
         let probe: Vec<f64> = (0..2 * 3 * 4 * 5).map(|i| ((i * 11 % 17) as f64) / 9.0 - 0.8).collect();
+        // Signals in (0, 2), as the router's are, one per (sample, channel).
+        let s0: Vec<f64> = (0..2 * 3).map(|i| 0.3 + 0.29 * i as f64).collect();
         let mut results = Vec::new();
         for dtype in [DType::F32, DType::F64] {
             let (vm, bn) = make(dtype);
@@ -732,7 +813,14 @@ mod bn_tests {
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap();
-            let y = bn.forward_train(&x, relu).unwrap();
+            let s = Var::from_tensor(
+                &Tensor::from_vec(s0.clone(), (2, 3), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let y = bn.forward_train(&x, signal.then_some(s.as_tensor()), relu).unwrap();
             let g = (&y * &p).unwrap().sum_all().unwrap().backward().unwrap();
             let flat = |t: &Tensor| {
                 t.to_dtype(DType::F64)
@@ -750,6 +838,9 @@ mod bn_tests {
             for name in ["running_mean", "running_var"] {
                 r.push(flat(data[name].as_tensor()));
             }
+            if signal {
+                r.push(flat(g.get(s.as_tensor()).unwrap()));
+            }
             results.push(r);
         }
         if relu {
@@ -758,7 +849,8 @@ mod bn_tests {
         }
         for (i, (a, b)) in results[0].iter().zip(&results[1]).enumerate() {
             let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
-            assert!(d < 1e-4, "relu {relu}: quantity {i} differs by {d}");
+            assert!(d < 1e-4, "relu {relu}, signal {signal}: quantity {i} differs by {d}");
         }
+        assert_eq!(results[0].len(), 6 + usize::from(signal));
     }
 }

@@ -167,18 +167,24 @@ impl BatchNorm {
             .broadcast_add(&shift.reshape((1, (), 1, 1))?)
     }
 
-    /// Normalises with the batch statistics and moves the running statistics towards them
-    /// (PyTorch's update: unbiased variance, `momentum` weight on the new value). With `relu`,
-    /// returns `relu` of the normalised values, in the same pass.
-    pub fn forward_train(&self, xs: &Tensor, relu: bool) -> Result<Tensor> {
+    /// Normalises `xs`, times AW-Net's per-sample channel `signal` (`[b, c]`) when there is one,
+    /// with the batch statistics and moves the running statistics towards them (PyTorch's
+    /// update: unbiased variance, `momentum` weight on the new value). With `relu`, returns
+    /// `relu` of the normalised values, in the same pass.
+    pub fn forward_train(&self, xs: &Tensor, signal: Option<&Tensor>, relu: bool) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let n = b * h * w;
         if n < 2 {
             candle_core::bail!("batch norm in train mode needs more than one value per channel");
         }
-        let (ys, mean, var) = match super::fused::batch_norm_train(xs, &self.weight, &self.bias, self.eps, relu)? {
+        let fused = super::fused::batch_norm_train(xs, signal, &self.weight, &self.bias, self.eps, relu)?;
+        let (ys, mean, var) = match fused {
             Some(fused) => fused,
             None => {
+                let xs = match signal {
+                    Some(s) => scale_channels(xs, s)?,
+                    None => xs.clone(),
+                };
                 let per_channel = xs.transpose(0, 1)?.reshape((c, n))?;
                 let mean = per_channel.mean_keepdim(1)?; // [c, 1]
                 let centred = per_channel.broadcast_sub(&mean)?;

@@ -39,7 +39,7 @@ impl Norm {
     /// Inference: `p_clean * BN_clean(z) + p_adv * BN_adv(z)` per sample, both in eval mode.
     pub fn forward(&self, xs: &Tensor, ctx: &NormCtx) -> Result<Tensor> {
         match (self, self.training_bn(ctx)) {
-            (_, Some(bn)) => bn.forward_train(xs, false),
+            (_, Some(bn)) => bn.forward_train(xs, None, false),
             (Self::Single(bn), None) => bn.forward_eval(xs),
             (Self::Mix { clean, adv }, None) => {
                 let p_clean = ctx
@@ -56,7 +56,7 @@ impl Norm {
     /// `relu(self.forward(xs, ctx))`, fused into one pass each way.
     pub fn forward_relu(&self, xs: &Tensor, ctx: &NormCtx) -> Result<Tensor> {
         match (self.training_bn(ctx), self.eval_affine(ctx)?) {
-            (Some(bn), _) => bn.forward_train(xs, true),
+            (Some(bn), _) => bn.forward_train(xs, None, true),
             (None, Some((scale, shift))) => super::fused::affine_relu(xs, &scale, &shift),
             (None, None) => {
                 candle_core::bail!("normalisation has neither batch statistics nor an eval-mode affine form")
@@ -80,18 +80,13 @@ impl Norm {
     /// `self(z * signal)`, then a ReLU when `relu`: a weight-varied convolution's output (AW-Net's
     /// per-sample channel signals) through its normalisation. In eval mode the normalisation is
     /// affine, so the signal folds into its scale and the tail is one fused pass (two without the
-    /// ReLU); training mode scales by the signal, then normalises with batch statistics.
+    /// ReLU); in training mode the batch-statistics passes scale by the signal as they read `z`.
     pub fn forward_scaled(&self, z: &Tensor, signal: Option<&Tensor>, relu: bool, ctx: &NormCtx) -> Result<Tensor> {
+        if let Some(bn) = self.training_bn(ctx) {
+            return bn.forward_train(z, signal, relu);
+        }
         let Some((scale, shift)) = self.eval_affine(ctx)? else {
-            let z = match signal {
-                Some(s) => super::layers::scale_channels(z, s)?,
-                None => z.clone(),
-            };
-            return if relu {
-                self.forward_relu(&z, ctx)
-            } else {
-                self.forward(&z, ctx)
-            };
+            candle_core::bail!("normalisation has neither batch statistics nor an eval-mode affine form")
         };
         let (scale, shift) = match signal {
             Some(s) if scale.rank() == 1 => (

@@ -104,7 +104,7 @@ fn mixbn_at_inference_is_the_probability_weighted_mix() {
     let Norm::Mix { adv: adv2, .. } = &fresh else { panic!() };
     assert_close(
         &to_vec(&train_adv),
-        &to_vec(&adv2.forward_train(&z, false).unwrap()),
+        &to_vec(&adv2.forward_train(&z, None, false).unwrap()),
         1e-12,
         "type selection",
     );
@@ -115,7 +115,7 @@ fn batchnorm_train_mode_matches_pytorch_semantics() {
     let varmap = VarMap::new();
     let bn = BatchNorm::new(2, 1e-5, 0.1, VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu)).unwrap();
     let z = tensor(&[3, 2, 2, 2], 5, -1.0, 3.0, DType::F64);
-    let y = bn.forward_train(&z, false).unwrap();
+    let y = bn.forward_train(&z, None, false).unwrap();
     // Per channel: zero mean, unit (biased) variance; running stats moved by 0.1 towards the
     // batch mean and unbiased variance.
     let per_c = y.transpose(0, 1).unwrap().reshape((2, 12)).unwrap();
