@@ -4,7 +4,7 @@
 //! one pass each way and compute only the gradients that are needed. f32 on the CPU; other
 //! tensors take the plain candle ops, which agree to rounding.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 /// A contiguous f32 CPU view of a tensor for the duration of `f`.
@@ -181,74 +181,6 @@ pub fn affine_relu(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor>
         .apply_op3(&scale.contiguous()?, &shift.contiguous()?, AffineRelu)
 }
 
-/// `x * s[b, c]`: AW-Net's signals scaling the output channels of a convolution, per sample.
-struct ScaleChannels;
-
-impl CustomOp2 for ScaleChannels {
-    fn name(&self) -> &'static str {
-        "awnet-scale-channels"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, s) = (slice(s1, l1)?, slice(s2, l2)?);
-        let hw = x.len() / s.len().max(1);
-        let y = planes(s.len(), hw, |p| x[p * hw..(p + 1) * hw].iter().map(move |&v| v * s[p]));
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, s: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, ds) = with_f32(dy, |dy| {
-            with_f32(x, |xv| {
-                with_f32(s, |sv| {
-                    let hw = xv.len() / sv.len().max(1);
-                    let dx = x.track_op().then(|| {
-                        planes(sv.len(), hw, |p| {
-                            dy[p * hw..(p + 1) * hw].iter().map(move |&g| g * sv[p])
-                        })
-                    });
-                    // Per plane, sum(dy * x), in 8 lanes so that it vectorises.
-                    let ds = s.track_op().then(|| {
-                        (0..sv.len())
-                            .into_par_iter()
-                            .map(|p| {
-                                let r = p * hw..(p + 1) * hw;
-                                let ((g8, g_rest), (x8, x_rest)) =
-                                    (dy[r.clone()].as_chunks::<8>(), xv[r].as_chunks::<8>());
-                                let mut acc = [0f32; 8];
-                                for (g, x) in g8.iter().zip(x8) {
-                                    (0..8).for_each(|l| acc[l] += g[l] * x[l]);
-                                }
-                                acc.iter().sum::<f32>() + g_rest.iter().zip(x_rest).map(|(g, x)| g * x).sum::<f32>()
-                            })
-                            .collect::<Vec<f32>>()
-                    });
-                    Ok((dx, ds))
-                })
-            })
-        })?;
-        let dev = x.device();
-        Ok((
-            dx.map(|v| Tensor::from_vec(v, x.dims(), dev)).transpose()?,
-            ds.map(|v| Tensor::from_vec(v, s.dims(), dev)).transpose()?,
-        ))
-    }
-}
-
-/// `x * signal` with `x` `[b, c, h, w]` and `signal` `[b, c]`, one pass forward and one
-/// backward for both gradients. candle's broadcast multiply took three passes backward, one of
-/// them its single-threaded sum over the planes for the signal's gradient: together most of an
-/// AW-Net training step's extra time over the static model's.
-pub fn scale_channels(x: &Tensor, signal: &Tensor) -> Result<Tensor> {
-    let (b, c, _, _) = x.dims4()?;
-    if signal.dims() != [b, c] {
-        bail!("scale_channels: signal {:?} for input {:?}", signal.dims(), x.dims());
-    }
-    if !fusable(&[x, signal]) {
-        return x.broadcast_mul(&signal.reshape((b, c, 1, 1))?);
-    }
-    x.contiguous()?.apply_op2(&signal.contiguous()?, ScaleChannels)
-}
-
 /// The mean of each `h x w` plane: `[b, c, h, w] -> [b, c]`.
 struct PlaneMean;
 
@@ -417,42 +349,6 @@ mod tests {
                 assert!(close(ga, &gb) < 1e-4, "per_sample {per_sample}: {}", close(ga, &gb));
             }
         }
-    }
-
-    /// The fused channel scaling against candle's broadcast multiply in f64: output and both
-    /// gradients, and only the gradients that are needed.
-    #[test]
-    fn scale_channels_agrees_with_the_broadcast_multiply() {
-        let x = Var::from_tensor(&t(&[3, 4, 5, 3], 1)).unwrap();
-        let s = Var::from_tensor(&t(&[3, 4], 2)).unwrap();
-        let probe = t(&[3, 4, 5, 3], 3);
-        let fused = scale_channels(&x, &s).unwrap();
-        let x64 = Var::from_tensor(&x.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
-        let s64 = Var::from_tensor(&s.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
-        let plain = x64.broadcast_mul(&s64.reshape((3, 4, 1, 1)).unwrap()).unwrap();
-        assert!(close(&fused, &plain.to_dtype(DType::F32).unwrap()) < 1e-6);
-        let g1 = (fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (plain * probe.to_dtype(DType::F64).unwrap())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for (a, b) in [(&x, &x64), (&s, &s64)] {
-            let ga = g1.get(a.as_tensor()).unwrap();
-            let gb = g2.get(b.as_tensor()).unwrap().to_dtype(DType::F32).unwrap();
-            assert_eq!(ga.dims(), gb.dims());
-            assert!(close(ga, &gb) < 1e-5, "{}", close(ga, &gb));
-        }
-        let frozen = s.as_tensor().detach();
-        let g = scale_channels(&x, &frozen)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        assert!(g.get(x.as_tensor()).is_some() && g.get(&frozen).is_none());
-        assert!(scale_channels(&x, &t(&[3, 5], 4)).is_err());
     }
 
     /// The fused global average pool against candle's means in f64, forward and gradient.

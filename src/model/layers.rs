@@ -217,9 +217,14 @@ impl BatchNorm {
 /// Scales output channel `i` of sample `b` by `signal[b, i]`: `[b, c, h, w] x [b, c]`.
 ///
 /// For a bias-free convolution this equals convolving sample `b` with filters
-/// `W * signal[b]`, at the cost of one multiply.
+/// `W * signal[b]`, at the cost of one multiply. Training-mode BatchNorm takes the signal into its
+/// own passes (`BatchNorm::forward_train`); this is the plain form for other tensors and tests.
 pub fn scale_channels(ys: &Tensor, signal: &Tensor) -> Result<Tensor> {
-    super::fused::scale_channels(ys, signal)
+    let (b, c, _, _) = ys.dims4()?;
+    if signal.dims() != [b, c] {
+        candle_core::bail!("scale_channels: signal {:?} for input {:?}", signal.dims(), ys.dims());
+    }
+    ys.broadcast_mul(&signal.reshape((b, c, 1, 1))?)
 }
 
 /// 2x2 max pooling with stride 2, `[b, c, h, w] -> [b, c, h/2, w/2]`; `h` and `w` must be even.
