@@ -1163,39 +1163,49 @@ pub(crate) fn each_plane<T: Send>(v: &mut [T], hw: usize, f: impl Fn(usize, &mut
     }
 }
 
-/// `dy` where `y > 0`, else zero, and that gradient's sum per channel: `[b, c, hw]` maps.
+/// `dy` where `y > 0`, else zero, and that gradient's sum per channel: `[b, c, hw]` maps. One
+/// parallel pass writes the masked gradient into a buffer that is never zeroed or copied first.
 fn relu_masked<T: WithDType>(dy: &[T], y: &[T], c: usize, hw: usize) -> (Vec<T>, Vec<T>) {
-    let mut g = dy.to_vec();
-    let mut plane_sums = vec![T::zero(); dy.len() / hw.max(1)];
-    let mask = |(p, (g, s)): (usize, (&mut [T], &mut T))| {
-        let ((g8, g_rest), (y8, y_rest)) = (g.as_chunks_mut::<8>(), y[p * hw..(p + 1) * hw].as_chunks::<8>());
+    let n = dy.len();
+    let mut g: Vec<T> = Vec::with_capacity(n);
+    let mut plane_sums = vec![T::zero(); n / hw.max(1)];
+    let mask = |(p, (g, s)): (usize, (&mut [std::mem::MaybeUninit<T>], &mut T))| {
+        let r = p * hw..(p + 1) * hw;
+        let ((dy8, dy_rest), (y8, y_rest)) = (dy[r.clone()].as_chunks::<8>(), y[r].as_chunks::<8>());
+        let (g8, g_rest) = g.as_chunks_mut::<8>();
         // In 8 lanes, with a select rather than a branch, so that it vectorises.
         let mut acc = [T::zero(); 8];
-        for (g, y) in g8.iter_mut().zip(y8) {
+        for ((g, dy), y) in g8.iter_mut().zip(dy8).zip(y8) {
             for l in 0..8 {
-                g[l] *= if y[l] > T::zero() { T::one() } else { T::zero() };
-                acc[l] += g[l];
+                let v = dy[l] * if y[l] > T::zero() { T::one() } else { T::zero() };
+                g[l].write(v);
+                acc[l] += v;
             }
         }
-        for (g, &y) in g_rest.iter_mut().zip(y_rest) {
-            if y <= T::zero() {
-                *g = T::zero();
-            }
-            acc[0] += *g;
+        for ((g, &dy), &y) in g_rest.iter_mut().zip(dy_rest).zip(y_rest) {
+            let v = if y > T::zero() { dy } else { T::zero() };
+            g.write(v);
+            acc[0] += v;
         }
         *s = acc.iter().fold(T::zero(), |a, &v| a + v);
     };
-    if g.len() < PAR_MIN {
-        g.chunks_mut(hw.max(1))
+    let slots = &mut g.spare_capacity_mut()[..n];
+    if n < PAR_MIN {
+        slots
+            .chunks_mut(hw.max(1))
             .zip(plane_sums.iter_mut())
             .enumerate()
             .for_each(mask);
     } else {
-        g.par_chunks_mut(hw.max(1))
+        slots
+            .par_chunks_mut(hw.max(1))
             .zip(plane_sums.par_iter_mut())
             .enumerate()
             .for_each(mask);
     }
+    // SAFETY: the planes cover all `n` slots (`n` is a whole number of planes) and each plane's
+    // loops wrote every slot of it.
+    unsafe { g.set_len(n) };
     let mut sums = vec![T::zero(); c];
     for (p, s) in plane_sums.into_iter().enumerate() {
         sums[p % c] += s;
