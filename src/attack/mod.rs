@@ -14,7 +14,7 @@ mod square;
 
 use std::sync::Arc;
 
-use candle_core::{D, DType, Tensor};
+use candle_core::{D, DType, Device, Tensor};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +50,9 @@ pub trait Classifier {
     fn prepared(&self) -> Option<&Plain> {
         None
     }
+
+    /// Where the weights live; inputs go there.
+    fn device(&self) -> Device;
 }
 
 /// A model with its plain path made once (taking it copies every weight out of its tensor, folds
@@ -82,6 +85,10 @@ impl Classifier for Snapshot<'_> {
     fn prepared(&self) -> Option<&Plain> {
         self.plain.as_deref()
     }
+
+    fn device(&self) -> Device {
+        self.model.device()
+    }
 }
 
 impl Classifier for Network {
@@ -91,6 +98,10 @@ impl Classifier for Network {
 
     fn plain(&self) -> std::result::Result<Option<Arc<Plain>>, ModelError> {
         Ok(Network::plain(self)?.map(Arc::new))
+    }
+
+    fn device(&self) -> Device {
+        Network::device(self)
     }
 }
 

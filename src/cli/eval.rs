@@ -114,6 +114,7 @@ fn model_name(m: &Model) -> String {
 }
 
 pub fn run_eval(a: &EvalArgs) -> Result<()> {
+    let device = crate::model::device_named(&a.device).map_err(anyhow::Error::msg)?;
     let model = open_model(&a.model)?;
     let data = crate::data::load(
         &a.data,
@@ -163,9 +164,13 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
         None => vec![0.1],
     };
     let eps = eps_list[0];
-    let source_model = a.source.as_ref().map(|p| open_model(p)).transpose()?;
+    let source_model = match &a.source {
+        Some(p) => Some(open_model(p)?.into_device(&device)?),
+        None => None,
+    };
     let source_net = source_model.as_ref().map(|m| m.frozen()).transpose()?;
     let specs = specs(a, eps, source_model.as_ref().map(model_name).as_deref())?;
+    let model = model.into_device(&device)?;
     let net = model.frozen()?;
     let (file, sha) = model.meta.file.clone().unwrap_or_default();
     let subject = Subject {

@@ -182,6 +182,9 @@ pub struct TrainArgs {
     /// No random crop or flip.
     #[arg(long)]
     pub no_augment: bool,
+    /// cpu, cuda or cuda:N (a GPU needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(Args, Debug)]
@@ -245,6 +248,9 @@ pub struct EvalArgs {
     /// Also write the JSON report to this file.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// cpu, cuda or cuda:N (a GPU needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(Args, Debug)]

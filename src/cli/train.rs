@@ -161,8 +161,9 @@ fn router_config(a: &TrainArgs) -> Result<Option<RouterConfig>> {
 }
 
 pub fn run(a: &TrainArgs) -> Result<()> {
+    let device = crate::model::device_named(&a.device).map_err(anyhow::Error::msg)?;
     let mut prepared = if a.resume {
-        let mut p = train::setup::resume_run(&a.out, Some(a.epochs))?;
+        let mut p = train::setup::resume_run(&a.out, Some(a.epochs), &device)?;
         // How often to save does not change the weights, so a resumed run may change it.
         if a.checkpoint_every.is_some() {
             p.config.checkpoint_every = a.checkpoint_every;
@@ -199,7 +200,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         if router.is_some() && c.method.model_kind() != ModelKind::Awnet {
             bail!("--router-channels and --signal-scale apply to AW-Net only (--method awnet or awnet-free)");
         }
-        train::setup::new_run(c, a.arch, a.width, router, &a.out)?
+        train::setup::new_run(c, a.arch, a.width, router, &a.out, &device)?
     };
     eprintln!("data: {}", prepared.data_description);
     let stop = StopFlag::default();

@@ -44,7 +44,7 @@ fn accuracy_under(
             .iter()
             .map(|i| images.indices.iter().position(|j| j == i).expect("own index"))
             .collect();
-        let xs = images.tensor(idx)?;
+        let xs = images.tensor(idx, &subject.model.device())?;
         let y: Vec<u32> = pos.iter().map(|&p| labels[p]).collect();
         let pred = attack::predict(subject.model, &xs)?;
         let keep: Vec<usize> = (0..idx.len()).filter(|&j| pred[j] == y[j]).collect();
@@ -145,7 +145,7 @@ pub(super) fn run(
     let clean_direct = {
         let mut right = 0;
         for idx in images.batches() {
-            let pred = attack::predict(subject.model, &images.tensor(idx)?)?;
+            let pred = attack::predict(subject.model, &images.tensor(idx, &subject.model.device())?)?;
             right += idx.iter().zip(pred).filter(|(i, p)| labels[**i] == *p).count();
         }
         right as f64 / n as f64
@@ -329,7 +329,7 @@ pub(super) fn run(
     ));
     // Gradients reach the input, and (AW-Net) through the router.
     let m = 16.min(n);
-    let xs = images.tensor(&images.indices[..m])?;
+    let xs = images.tensor(&images.indices[..m], &subject.model.device())?;
     let (_, g, _) = attack::loss_and_grad(subject.model, &xs, &labels[..m], None, attack::Objective::Ce)?;
     let zero = |g: &candle_core::Tensor| -> Result<usize> {
         let norms = g

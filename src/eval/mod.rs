@@ -271,8 +271,8 @@ impl Images<'_> {
         self.indices.chunks(self.batch_size.max(1))
     }
 
-    fn tensor(&self, idx: &[usize]) -> candle_core::Result<Tensor> {
-        self.data.images_tensor(idx, &candle_core::Device::Cpu)
+    fn tensor(&self, idx: &[usize], device: &candle_core::Device) -> candle_core::Result<Tensor> {
+        self.data.images_tensor(idx, device)
     }
 }
 
@@ -452,13 +452,14 @@ pub fn evaluate(
     };
     let labels = images.labels();
     let model = subject.model;
+    let device = model.device();
     // Clean pass: predictions and router taps of every image.
     let mut clean_pred = Vec::with_capacity(n);
     for (k, idx) in images.batches().enumerate() {
         if obs.stop_requested() {
             return Ok(Outcome::Cancelled);
         }
-        let xs = images.tensor(idx)?;
+        let xs = images.tensor(idx, &device)?;
         clean_pred.extend(attack::predict(model, &xs)?);
         obs.progress(&Progress {
             stage: "clean accuracy".into(),
@@ -484,7 +485,7 @@ pub fn evaluate(
         let mut done = 0;
         let src = source.as_ref().map(|(m, _)| *m);
         for (k, idx) in sub.batches().enumerate() {
-            let xs = sub.tensor(idx)?;
+            let xs = sub.tensor(idx, &device)?;
             let y: Vec<u32> = idx.iter().map(|&i| labels[i]).collect();
             let stop = || obs.stop_requested();
             let Some(adv) = craft(spec, model, src, &xs, &y, settings.seed.wrapping_add(k as u64), &stop)? else {

@@ -7,6 +7,8 @@ use std::sync::mpsc::Sender;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use candle_core::Device;
+
 use crate::model::{Arch, checkpoint};
 use crate::observe::{Observer, Outcome, Progress, StopFlag};
 use crate::train::{self, EpochReport, TrainConfig, TrainEvent, TrainObserver};
@@ -255,8 +257,10 @@ impl TrainWorker {
             let out = request.out().to_path_buf();
             let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 let mut prepared = match request {
-                    TrainRequest::New { config, arch, out } => train::setup::new_run(*config, arch, None, None, &out),
-                    TrainRequest::Resume { out, epochs } => train::setup::resume_run(&out, epochs),
+                    TrainRequest::New { config, arch, out } => {
+                        train::setup::new_run(*config, arch, None, None, &out, &Device::Cpu)
+                    }
+                    TrainRequest::Resume { out, epochs } => train::setup::resume_run(&out, epochs, &Device::Cpu),
                 }?;
                 prepared.train(&mut obs)
             }));

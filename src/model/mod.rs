@@ -15,6 +15,8 @@ pub mod router;
 pub mod small_cnn;
 mod winograd;
 
+use std::collections::BTreeMap;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
@@ -360,6 +362,11 @@ impl Network {
         (name, linear.weight())
     }
 
+    /// Where the weights live.
+    pub fn device(&self) -> Device {
+        self.classifier().1.device().clone()
+    }
+
     pub fn is_awnet(&self) -> bool {
         self.router.is_some()
     }
@@ -391,6 +398,28 @@ impl Network {
             _ => Ok(None),
         }
     }
+}
+
+/// A device by name: `cpu`, `cuda` (the first GPU) or `cuda:N`. A GPU needs a build with the
+/// `cuda` feature; without it, or without the GPU, this is an error that says which.
+pub fn device_named(name: &str) -> std::result::Result<Device, String> {
+    if name == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match name.strip_prefix("cuda") {
+        Some("") => Some(0),
+        Some(rest) => rest.strip_prefix(':').and_then(|n| n.parse::<usize>().ok()),
+        None => None,
+    };
+    let Some(ordinal) = ordinal else {
+        return Err(format!("unknown device {name:?} (expected cpu, cuda or cuda:N)"));
+    };
+    if !candle_core::utils::cuda_is_available() {
+        return Err(format!(
+            "device {name}: this build has no CUDA support (build it with `--features cuda`)"
+        ));
+    }
+    Device::new_cuda(ordinal).map_err(|e| format!("cannot open CUDA device {ordinal} ({e})"))
 }
 
 /// A model: its configuration, its variables and the network built over them.
@@ -439,6 +468,39 @@ impl Model {
         let device = vars.first().map(|(_, v)| v.device().clone()).unwrap_or(Device::Cpu);
         let tensors = vars.into_iter().map(|(n, v)| (n, v.as_detached_tensor())).collect();
         Network::new(&self.config, VarBuilder::from_tensors(tensors, dtype, &device))
+    }
+
+    /// Where the weights live.
+    pub fn device(&self) -> Device {
+        self.net.device()
+    }
+
+    /// The same model with its variables on `device`: itself where they are there already, else
+    /// [`Model::to_device`]'s copy.
+    pub fn into_device(self, device: &Device) -> Result<Self> {
+        if self.device().same_device(device) {
+            return Ok(self);
+        }
+        self.to_device(device)
+    }
+
+    /// A copy of this model, its variables on `device` (their own storage, even on the same
+    /// device).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        let vars = self.named_vars();
+        let dtype = vars.first().map(|(_, v)| v.dtype()).unwrap_or(DType::F32);
+        let moved = Self::new(self.config.clone(), 0, dtype, device)?;
+        let mut targets: BTreeMap<String, candle_core::Var> = moved.named_vars().into_iter().collect();
+        for (name, var) in vars {
+            let target = targets
+                .remove(&name)
+                .ok_or_else(|| ModelError::Config(format!("variable {name} missing on {device:?}")))?;
+            target.set(&var.as_tensor().to_device(device)?)?;
+        }
+        Ok(Self {
+            meta: self.meta.clone(),
+            ..moved
+        })
     }
 
     /// Named variables, sorted by name.

@@ -731,6 +731,7 @@ pub fn train(
         resumed_at,
     });
     let mut epoch_seconds = Vec::new();
+    let device = model.device();
     while state.epoch < cfg.epochs {
         let epoch = state.epoch;
         let lr = cfg.lr_at(epoch);
@@ -743,7 +744,7 @@ pub fn train(
             cfg.batch_size,
             Some(cfg.seed.wrapping_add(epoch as u64 * 1_000_003)),
             cfg.augment,
-            &candle_core::Device::Cpu,
+            &device,
         );
         for (k, batch) in batches.enumerate() {
             let batch = batch?;

@@ -34,6 +34,7 @@ pub fn new_run(
     width: Option<usize>,
     router: Option<RouterConfig>,
     out: &Path,
+    device: &Device,
 ) -> Result<Prepared> {
     let ds = data::load(&config.data, Split::Test, None)?;
     let mut mc = ModelConfig::new(
@@ -50,22 +51,26 @@ pub fn new_run(
     if let Some(r) = router {
         mc.router = r;
     }
-    let model = Model::new(mc, config.seed, DType::F32, &Device::Cpu)?;
+    let model = Model::new(mc, config.seed, DType::F32, device)?;
     prepare(model, config, None, out)
 }
 
 /// Continues the run stored in `out`, with its own settings; `epochs` may extend it.
-pub fn resume_run(out: &Path, epochs: Option<usize>) -> Result<Prepared> {
+pub fn resume_run(out: &Path, epochs: Option<usize>, device: &Device) -> Result<Prepared> {
     if !out.is_file() {
         return Err(TrainError::Resume(format!("{} does not exist yet", out.display())));
     }
     let (model, state) = checkpoint::load_with_state(out)?;
-    let state = state.ok_or_else(|| {
+    let model = model.into_device(device)?;
+    let mut state = state.ok_or_else(|| {
         TrainError::Resume(format!(
             "{} holds no training state to resume (a finished or imported model?)",
             out.display()
         ))
     })?;
+    for t in state.tensors.values_mut() {
+        *t = t.to_device(device)?;
+    }
     let training = model
         .meta
         .training
@@ -86,8 +91,8 @@ fn prepare(model: Model, config: TrainConfig, resume: Option<TrainingState>, out
         Some((model.config.in_channels, model.config.image_size)),
     )?;
     let (train_part, held_out) = split_holdout(&full, config.holdout)?;
-    let clean = teacher(config.teacher_clean.as_deref(), &model.config)?;
-    let robust = teacher(config.teacher_robust.as_deref(), &model.config)?;
+    let clean = teacher(config.teacher_clean.as_deref(), &model)?;
+    let robust = teacher(config.teacher_robust.as_deref(), &model)?;
     Ok(Prepared {
         model,
         teachers: clean.zip(robust),
@@ -100,18 +105,19 @@ fn prepare(model: Model, config: TrainConfig, resume: Option<TrainingState>, out
     })
 }
 
-fn teacher(path: Option<&str>, student: &ModelConfig) -> Result<Option<Network>> {
+/// A teacher for distillation, frozen, on the student's device.
+fn teacher(path: Option<&str>, student: &Model) -> Result<Option<Network>> {
     let Some(p) = path else { return Ok(None) };
     let m = checkpoint::open(Path::new(p))?;
     let shape = |c: &ModelConfig| (c.in_channels, c.image_size, c.num_classes);
-    if shape(&m.config) != shape(student) {
+    if shape(&m.config) != shape(&student.config) {
         return Err(TrainError::Settings(format!(
             "teacher {p} takes {:?} (channels, side, classes); the student {:?}",
             shape(&m.config),
-            shape(student)
+            shape(&student.config)
         )));
     }
-    Ok(Some(m.frozen()?))
+    Ok(Some(m.into_device(&student.device())?.frozen()?))
 }
 
 impl Prepared {

@@ -277,6 +277,10 @@ impl Classifier for GraphOnly<'_> {
     fn forward(&self, xs: &Tensor) -> Result<awnet_lab::Forward, awnet_lab::model::ModelError> {
         Classifier::forward(self.0, xs)
     }
+
+    fn device(&self) -> Device {
+        self.0.device()
+    }
 }
 
 /// Every objective (untargeted and targeted) gives the same losses, input gradients and

@@ -77,6 +77,27 @@ fn errors_are_one_line_and_a_failing_exit_code() {
             "assets/samples/1-trouser-test2.png",
         ],
         vec!["data", "/no/such/data"],
+        vec![
+            "eval",
+            "models/awnet.safetensors",
+            "--data",
+            "assets/fashion-mnist-subset",
+            "--device",
+            "gpu",
+        ],
+        // A build without the `cuda` feature says so, rather than training on the CPU.
+        #[cfg(not(feature = "cuda"))]
+        vec![
+            "train",
+            "--method",
+            "standard",
+            "--epochs",
+            "1",
+            "--out",
+            "/no/such/dir/m.safetensors",
+            "--device",
+            "cuda",
+        ],
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_awnet"))
             .args(&args)

@@ -97,4 +97,8 @@ impl Classifier for Linear {
             signals: Vec::new(),
         })
     }
+
+    fn device(&self) -> Device {
+        self.w.device().clone()
+    }
 }

@@ -301,6 +301,39 @@ fn signals_start_at_one_and_stay_in_range() {
     assert_close(&p, &[1.0; 3], 1e-6, "type probabilities sum to 1");
 }
 
+/// A model copied to a device has the same weights and outputs, in storage of its own; device
+/// names other than cpu, cuda and cuda:N are refused, and this build says when it has no CUDA.
+#[test]
+fn a_model_moves_between_devices_by_copy() {
+    let c = tiny_config(Arch::SmallCnn, ModelKind::Awnet);
+    let a = Model::new(c, 4, DType::F32, &Device::Cpu).unwrap();
+    randomise(&a, 3);
+    let b = a.to_device(&Device::Cpu).unwrap();
+    let flat = |m: &Model| {
+        m.named_vars()
+            .iter()
+            .flat_map(|(_, v)| to_vec(v.as_tensor()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(flat(&a), flat(&b));
+    let xs = tensor(&[3, 2, 8, 8], 2, 0.0, 1.0, DType::F32);
+    let logits = |m: &Model| to_vec(&m.forward(&xs, Mode::Eval).unwrap().logits);
+    assert_eq!(logits(&a), logits(&b));
+    let (name, var) = &b.named_vars()[0];
+    var.set(&var.as_tensor().zeros_like().unwrap()).unwrap();
+    assert_ne!(flat(&a), flat(&b), "{name} is shared");
+
+    assert!(awnet_lab::model::device_named("cpu").unwrap().is_cpu());
+    for bad in ["gpu", "cuda:", "cuda:x", "cuda0", ""] {
+        let e = awnet_lab::model::device_named(bad).unwrap_err();
+        assert!(e.contains("expected cpu, cuda or cuda:N"), "{bad}: {e}");
+    }
+    if !candle_core::utils::cuda_is_available() {
+        let e = awnet_lab::model::device_named("cuda").unwrap_err();
+        assert!(e.contains("no CUDA support") && e.contains("--features cuda"), "{e}");
+    }
+}
+
 #[test]
 fn same_seed_same_model_other_seed_other_model() {
     let c = tiny_config(Arch::Resnet18, ModelKind::Awnet);
