@@ -271,6 +271,48 @@ fn sgd_matches_pytorchs_update_and_keeps_no_graph() {
     assert!(to_vec(rs.as_tensor()).iter().all(|&v| v == 1.0));
 }
 
+/// SGD's step, with and without momentum, on the small CNN's largest weight (several of the
+/// in-place step's chunks), in place (f32) and through candle's ops (f64): three steps against
+/// the same recurrence in f64.
+#[test]
+fn sgd_steps_match_the_recurrence() {
+    let cases = [(0.9, 0.1), (0.0, 0.1), (0.5, 0.0)];
+    for ((momentum, wd), dtype) in cases.into_iter().flat_map(|c| [(c, DType::F32), (c, DType::F64)]) {
+        let config = ModelConfig::new(Arch::SmallCnn, ModelKind::Static, 1, 28, 10);
+        let model = Model::new(config, 3, dtype, &Device::Cpu).unwrap();
+        let (name, var) = model
+            .named_vars()
+            .into_iter()
+            .max_by_key(|(_, v)| v.elem_count())
+            .unwrap();
+        assert!(var.elem_count() > 1 << 15, "{name}: one chunk only");
+        let x = tensor(var.dims(), 7, -1.0, 1.0, dtype);
+        let g = to_vec(&x);
+        let mut w = to_vec(var.as_tensor());
+        let mut opt = Optimizer::new(&model, OptimizerKind::Sgd, momentum, wd);
+        let lr = 0.05;
+        let mut buf: Option<Vec<f64>> = None;
+        for _ in 0..3 {
+            let grads = (var.as_tensor() * &x).unwrap().sum_all().unwrap().backward().unwrap();
+            opt.step(&grads, lr).unwrap();
+            let d: Vec<f64> = g.iter().zip(&w).map(|(g, w)| g + wd * w).collect();
+            let d = match (&buf, momentum) {
+                (_, 0.0) => d,
+                (Some(b), m) => b.iter().zip(&d).map(|(b, d)| m * b + d).collect(),
+                (None, _) => d,
+            };
+            w = w.iter().zip(&d).map(|(w, d)| w - lr * d).collect();
+            buf = Some(d);
+        }
+        assert_close(
+            &to_vec(var.as_tensor()),
+            &w,
+            1e-5,
+            &format!("{name} {dtype:?}, momentum {momentum}, wd {wd}"),
+        );
+    }
+}
+
 #[test]
 fn a_router_term_in_the_training_attack_needs_an_awnet_method() {
     let (train_set, held) = data(64);
