@@ -26,9 +26,9 @@ use rayon::prelude::*;
 use super::conv::{Kept, Mat, PAR_MIN, each_plane, forward_slices, input_grad_slices, matmul, zeros};
 use super::layers::{Conv2d, Linear};
 use super::norm::Norm;
-use super::pair;
 use super::router::Router;
 use super::small_cnn::SmallCnn;
+use super::{fused, pair};
 
 mod resnet;
 
@@ -698,18 +698,12 @@ fn unpool(dy: &[f32], x: &[f32], d: [usize; 4]) -> Vec<f32> {
 /// [`unpool`] of as many `h x w` planes as `dx` holds, from the first of `dy` and `x`.
 fn unpool_planes(dy: &[f32], x: &[f32], h: usize, w: usize, dx: &mut [f32]) {
     let (ho, wo) = (h / 2, w / 2);
+    if ho * wo == 0 {
+        return;
+    }
     for ((dx, x), dy) in dx.chunks_mut(h * w).zip(x.chunks(h * w)).zip(dy.chunks(ho * wo)) {
-        for i in 0..ho {
-            let (r0, r1) = (2 * i * w, (2 * i + 1) * w);
-            for j in 0..wo {
-                let mut best = r0 + 2 * j;
-                for at in [r0 + 2 * j + 1, r1 + 2 * j, r1 + 2 * j + 1] {
-                    if x[at] > x[best] {
-                        best = at;
-                    }
-                }
-                dx[best] = dy[i * wo + j];
-            }
+        for (i, dy) in dy.chunks(wo).enumerate() {
+            fused::unpool_row(dy, &x[2 * i * w..], &mut dx[2 * i * w..], w);
         }
     }
 }

@@ -278,6 +278,16 @@ fn pooling_workaround_matches_candle_forward_and_finite_differences() {
         .unwrap();
     let total: f64 = to_vec(g.get(v.as_tensor()).unwrap()).iter().sum();
     assert_eq!(total, (2 * 3 * 2 * 3) as f64);
+    // Ties (ReLU's zeros, say): the first maximum in row-major order takes it.
+    let x = Tensor::from_vec(vec![0f32, 0., 1., 3., 0., 0., 3., 2.], (1, 1, 2, 4), &Device::Cpu).unwrap();
+    let v = Var::from_tensor(&x).unwrap();
+    let g = max_pool2x2(v.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(to_vec(g.get(v.as_tensor()).unwrap()), [1., 0., 0., 1., 0., 0., 0., 0.]);
 }
 
 #[test]
