@@ -268,26 +268,21 @@ fn pooling_workaround_matches_candle_forward_and_finite_differences() {
         15,
         "max pool",
     );
+    let grad_of_sum = |x: &Tensor| {
+        let v = Var::from_tensor(x).unwrap();
+        let g = max_pool2x2(v.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        to_vec(g.get(v.as_tensor()).unwrap())
+    };
     // Each window's gradient goes, whole, to its maximum (candle's own op would give 1/4).
-    let v = Var::from_tensor(&x).unwrap();
-    let g = max_pool2x2(v.as_tensor())
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let total: f64 = to_vec(g.get(v.as_tensor()).unwrap()).iter().sum();
-    assert_eq!(total, (2 * 3 * 2 * 3) as f64);
+    assert_eq!(grad_of_sum(&x).iter().sum::<f64>(), (2 * 3 * 2 * 3) as f64);
     // Ties (ReLU's zeros, say): the first maximum in row-major order takes it.
     let x = Tensor::from_vec(vec![0f32, 0., 1., 3., 0., 0., 3., 2.], (1, 1, 2, 4), &Device::Cpu).unwrap();
-    let v = Var::from_tensor(&x).unwrap();
-    let g = max_pool2x2(v.as_tensor())
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    assert_eq!(to_vec(g.get(v.as_tensor()).unwrap()), [1., 0., 0., 1., 0., 0., 0., 0.]);
+    assert_eq!(grad_of_sum(&x), [1., 0., 0., 1., 0., 0., 0., 0.]);
 }
 
 #[test]
@@ -313,18 +308,17 @@ fn signals_start_at_one_and_stay_in_range() {
 
 /// A model copied to a device has the same weights and outputs, in storage of its own; device
 /// names other than cpu, cuda and cuda:N are refused, and this build says when it has no CUDA.
+/// Every variable's values, in name order.
+fn flat(m: &Model) -> Vec<f64> {
+    m.named_vars().iter().flat_map(|(_, v)| to_vec(v.as_tensor())).collect()
+}
+
 #[test]
 fn a_model_moves_between_devices_by_copy() {
     let c = tiny_config(Arch::SmallCnn, ModelKind::Awnet);
     let a = Model::new(c, 4, DType::F32, &Device::Cpu).unwrap();
     randomise(&a, 3);
     let b = a.to_device(&Device::Cpu).unwrap();
-    let flat = |m: &Model| {
-        m.named_vars()
-            .iter()
-            .flat_map(|(_, v)| to_vec(v.as_tensor()))
-            .collect::<Vec<_>>()
-    };
     assert_eq!(flat(&a), flat(&b));
     let xs = tensor(&[3, 2, 8, 8], 2, 0.0, 1.0, DType::F32);
     let logits = |m: &Model| to_vec(&m.forward(&xs, Mode::Eval).unwrap().logits);
@@ -350,12 +344,6 @@ fn same_seed_same_model_other_seed_other_model() {
     let a = Model::new(c.clone(), 4, DType::F32, &Device::Cpu).unwrap();
     let b = Model::new(c.clone(), 4, DType::F32, &Device::Cpu).unwrap();
     let d = Model::new(c, 5, DType::F32, &Device::Cpu).unwrap();
-    let flat = |m: &Model| {
-        m.named_vars()
-            .iter()
-            .flat_map(|(_, v)| to_vec(v.as_tensor()))
-            .collect::<Vec<_>>()
-    };
     assert_eq!(flat(&a), flat(&b));
     assert_ne!(flat(&a), flat(&d));
 }
