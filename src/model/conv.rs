@@ -11,13 +11,15 @@
 //! other devices and dtypes keep candle's convolution (`conv2d`).
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType, bail};
-use std::any::Any;
+use std::any::{Any, TypeId};
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::sync::{Mutex, OnceLock};
 
 use rayon::prelude::*;
 
+use super::lanes::F8;
 use super::{pair, winograd};
 
 /// Square kernel, equal stride and padding on both axes, no dilation, no groups.
@@ -1163,31 +1165,51 @@ pub(crate) fn each_plane<T: Send>(v: &mut [T], hw: usize, f: impl Fn(usize, &mut
     }
 }
 
+/// One plane of [`relu_masked`]: writes `g` and returns its sum; in [`F8`] lanes for f32.
+fn mask_plane<T: WithDType>(dy: &[T], y: &[T], g: &mut [MaybeUninit<T>]) -> T {
+    if TypeId::of::<T>() == TypeId::of::<f32>() {
+        // SAFETY: `T` is `f32`, so each slice is an `f32` slice of the same length.
+        let (dy, y, g) = unsafe {
+            (
+                std::slice::from_raw_parts(dy.as_ptr().cast::<f32>(), dy.len()),
+                std::slice::from_raw_parts(y.as_ptr().cast::<f32>(), y.len()),
+                std::slice::from_raw_parts_mut(g.as_mut_ptr().cast::<MaybeUninit<f32>>(), g.len()),
+            )
+        };
+        let ((dy8, dy_rest), (y8, y_rest)) = (dy.as_chunks::<8>(), y.as_chunks::<8>());
+        let (g8, g_rest) = g.as_chunks_mut::<8>();
+        let mut acc = F8::splat(0.0);
+        for ((g, dy), y) in g8.iter_mut().zip(dy8).zip(y8) {
+            let v = F8::load(dy).where_positive(F8::load(y));
+            v.store(g);
+            acc = acc.add(v);
+        }
+        let mut sum = acc.sum();
+        for ((g, &dy), &y) in g_rest.iter_mut().zip(dy_rest).zip(y_rest) {
+            let v = if y > 0.0 { dy } else { 0.0 };
+            g.write(v);
+            sum += v;
+        }
+        return T::from_f64(f64::from(sum));
+    }
+    let mut sum = T::zero();
+    for ((g, &dy), &y) in g.iter_mut().zip(dy).zip(y) {
+        let v = if y > T::zero() { dy } else { T::zero() };
+        g.write(v);
+        sum += v;
+    }
+    sum
+}
+
 /// `dy` where `y > 0`, else zero, and that gradient's sum per channel: `[b, c, hw]` maps. One
 /// parallel pass writes the masked gradient into a buffer that is never zeroed or copied first.
 fn relu_masked<T: WithDType>(dy: &[T], y: &[T], c: usize, hw: usize) -> (Vec<T>, Vec<T>) {
     let n = dy.len();
     let mut g: Vec<T> = Vec::with_capacity(n);
     let mut plane_sums = vec![T::zero(); n / hw.max(1)];
-    let mask = |(p, (g, s)): (usize, (&mut [std::mem::MaybeUninit<T>], &mut T))| {
+    let mask = |(p, (g, s)): (usize, (&mut [MaybeUninit<T>], &mut T))| {
         let r = p * hw..(p + 1) * hw;
-        let ((dy8, dy_rest), (y8, y_rest)) = (dy[r.clone()].as_chunks::<8>(), y[r].as_chunks::<8>());
-        let (g8, g_rest) = g.as_chunks_mut::<8>();
-        // In 8 lanes, with a select rather than a branch, so that it vectorises.
-        let mut acc = [T::zero(); 8];
-        for ((g, dy), y) in g8.iter_mut().zip(dy8).zip(y8) {
-            for l in 0..8 {
-                let v = dy[l] * if y[l] > T::zero() { T::one() } else { T::zero() };
-                g[l].write(v);
-                acc[l] += v;
-            }
-        }
-        for ((g, &dy), &y) in g_rest.iter_mut().zip(dy_rest).zip(y_rest) {
-            let v = if y > T::zero() { dy } else { T::zero() };
-            g.write(v);
-            acc[0] += v;
-        }
-        *s = acc.iter().fold(T::zero(), |a, &v| a + v);
+        *s = mask_plane(&dy[r.clone()], &y[r], g);
     };
     let slots = &mut g.spare_capacity_mut()[..n];
     if n < PAR_MIN {

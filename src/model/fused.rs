@@ -7,6 +7,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
+use super::lanes::F8;
+
 /// A contiguous f32 CPU view of a tensor for the duration of `f`.
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     super::conv::with_values(t, f)
@@ -96,30 +98,27 @@ impl CustomOp3 for AffineRelu {
             with_f32(y, |y| {
                 with_f32(x, |xv| {
                     with_f32(scale, |sc| {
-                        // The sums run in 8 lanes so that they vectorise (a single f32
-                        // accumulator is a serial chain); skipped when no coefficient wants them.
-                        // (Indexed by `k % 8` over a flat loop, with a branch for the ReLU, they
-                        // stayed scalar: a third of the router's time in an AW-Net training step.)
+                        // Skipped when no coefficient wants them. (In plain loops, even in 8
+                        // lanes, they stayed scalar: a third of the router's time in an AW-Net
+                        // training step.)
                         let sums = |p: usize| -> (f32, f32) {
                             let r = p * hw..(p + 1) * hw;
                             let ((dy8, dy_rest), (y8, y_rest)) =
                                 (dy[r.clone()].as_chunks::<8>(), y[r.clone()].as_chunks::<8>());
                             let (x8, x_rest) = xv[r].as_chunks::<8>();
-                            let (mut sg, mut sgx) = ([0f32; 8], [0f32; 8]);
+                            let (mut sg, mut sgx) = (F8::splat(0.0), F8::splat(0.0));
                             for ((dy, y), x) in dy8.iter().zip(y8).zip(x8) {
-                                for l in 0..8 {
-                                    // A mask multiply rather than a branch.
-                                    let g = dy[l] * f32::from(u8::from(y[l] > 0.0));
-                                    sg[l] += g;
-                                    sgx[l] += g * x[l];
-                                }
+                                let g = F8::load(dy).where_positive(F8::load(y));
+                                sg = sg.add(g);
+                                sgx = g.mul_add(F8::load(x), sgx);
                             }
+                            let (mut sg, mut sgx) = (sg.sum(), sgx.sum());
                             for ((&dy, &y), &x) in dy_rest.iter().zip(y_rest).zip(x_rest) {
                                 let g = if y > 0.0 { dy } else { 0.0 };
-                                sg[0] += g;
-                                sgx[0] += g * x;
+                                sg += g;
+                                sgx += g * x;
                             }
-                            (sg.iter().sum(), sgx.iter().sum())
+                            (sg, sgx)
                         };
                         if want.0 {
                             let dx = planes(b * c, hw, |p| {
@@ -423,40 +422,58 @@ struct PlaneSums {
     z: f32,
 }
 
-/// [`PlaneSums`] of one plane, in 8 lanes so that the sums vectorise; `SIGNAL` adds the three
-/// sums that only the signal's gradient needs. `xhat = (z * s - m) * is`.
-fn plane_sums<const SIGNAL: bool>(
+/// [`PlaneSums`] of one plane; `SIGNAL` adds the three sums that only the signal's gradient
+/// needs. `xhat = (z * s - m) * is`.
+fn plane_sums<const SIGNAL: bool>(dy: &[f32], y: &[f32], z: &[f32], smi: (f32, f32, f32), relu: bool) -> PlaneSums {
+    if relu {
+        lane_plane_sums::<SIGNAL, true>(dy, y, z, smi)
+    } else {
+        lane_plane_sums::<SIGNAL, false>(dy, y, z, smi)
+    }
+}
+
+#[inline(always)]
+fn lane_plane_sums<const SIGNAL: bool, const RELU: bool>(
     dy: &[f32],
     y: &[f32],
     z: &[f32],
     (s, m, is): (f32, f32, f32),
-    relu: bool,
 ) -> PlaneSums {
-    // A mask multiply rather than a branch, which the compiler keeps scalar.
-    let gate = |dy: f32, y: f32| dy * f32::from(u8::from(!(relu && y <= 0.0)));
-    let mut acc = [[0f32; 8]; 5];
-    let mut add = |l: usize, dy: f32, y: f32, z: f32| {
-        let g = gate(dy, y);
-        let xh = (z * s - m) * is;
-        acc[0][l] += g;
-        acc[1][l] += g * xh;
-        if SIGNAL {
-            acc[2][l] += g * z;
-            acc[3][l] += xh * z;
-            acc[4][l] += z;
-        }
-    };
+    let zero = F8::splat(0.0);
+    let [mut g, mut gx, mut gz, mut xz, mut zs] = [zero; 5];
+    let (a, b) = (F8::splat(s * is), F8::splat(-m * is));
     let ((dy8, dy_rest), (y8, y_rest), (z8, z_rest)) = (dy.as_chunks::<8>(), y.as_chunks::<8>(), z.as_chunks::<8>());
     for ((dy, y), z) in dy8.iter().zip(y8).zip(z8) {
-        for l in 0..8 {
-            add(l, dy[l], y[l], z[l]);
+        let (d, zv) = (F8::load(dy), F8::load(z));
+        let gv = if RELU { d.where_positive(F8::load(y)) } else { d };
+        let xh = zv.mul_add(a, b);
+        g = g.add(gv);
+        gx = gv.mul_add(xh, gx);
+        if SIGNAL {
+            gz = gv.mul_add(zv, gz);
+            xz = xh.mul_add(zv, xz);
+            zs = zs.add(zv);
         }
     }
+    let mut q = PlaneSums {
+        g: g.sum(),
+        gx: gx.sum(),
+        gz: gz.sum(),
+        xz: xz.sum(),
+        z: zs.sum(),
+    };
     for ((&dy, &y), &z) in dy_rest.iter().zip(y_rest).zip(z_rest) {
-        add(0, dy, y, z);
+        let gv = if RELU && y <= 0.0 { 0.0 } else { dy };
+        let xh = (z * s - m) * is;
+        q.g += gv;
+        q.gx += gv * xh;
+        if SIGNAL {
+            q.gz += gv * z;
+            q.xz += xh * z;
+            q.z += z;
+        }
     }
-    let [g, gx, gz, xz, z] = acc.map(|a| a.iter().sum::<f32>());
-    PlaneSums { g, gx, gz, xz, z }
+    q
 }
 
 impl CustomOp3 for BatchNormTrain {

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod conv;
 pub mod fused;
 pub mod init;
+mod lanes;
 pub mod layers;
 pub mod norm;
 mod pair;
