@@ -589,7 +589,31 @@ pub(crate) fn zeros<T: WithDType>(n: usize) -> Vec<T> {
     if n < PAR_MIN {
         return vec![T::zero(); n];
     }
-    (0..n).into_par_iter().map(|_| T::zero()).collect()
+    // A fill per piece is a memset; rayon's `collect` of zeros wrote them one at a time.
+    let mut v = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(PAR_MIN)
+        .for_each(|c| c.fill(MaybeUninit::new(T::zero())));
+    // SAFETY: the pieces cover all `n` slots and each was filled.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// `n` values, written by `f(t, chunk)` for every chunk `t` of `size` values (as [`each_chunk`]),
+/// each chunk zeroed by its own task just before `f`: the zeros then sit in the task's cache
+/// when `f` overwrites or adds to them, where a separate zeroing pass wrote the whole buffer out
+/// to memory first.
+fn zeroed_chunks<T: WithDType>(n: usize, size: usize, f: impl Fn(usize, &mut [T]) + Send + Sync) -> Vec<T> {
+    let mut v = Vec::with_capacity(n);
+    each_chunk(&mut v.spare_capacity_mut()[..n], size, |t, c| {
+        c.fill(MaybeUninit::new(T::zero()));
+        // SAFETY: every slot of `c` was just written, and `MaybeUninit<T>` has `T`'s layout.
+        let c = unsafe { &mut *(c as *mut [MaybeUninit<T>] as *mut [T]) };
+        f(t, c)
+    });
+    // SAFETY: the chunks cover all `n` slots and each was filled.
+    unsafe { v.set_len(n) };
+    v
 }
 
 /// Values below which an elementwise pass stays on the calling thread (a one-image attack's
@@ -688,15 +712,15 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T], kept: Option<&Kept<T>>) -> 
     }
     let reads = Reads::new(g);
     let (kd, hwo) = (g.kdim(), g.hw_out());
-    let mut out = zeros(g.b * g.c_out * hwo);
     if paired(g) {
+        let mut out = zeros(g.b * g.c_out * hwo);
         with_cols(kd * hwo, |cols: &mut [T]| forward_pair(g, &reads, x, w, &mut out, cols));
         return out;
     }
     let n_g = group(g);
     let c = chunk(g.b, n_g);
     let cols_len = if g.is_pointwise() { 0 } else { kd * hwo * n_g };
-    each_chunk(&mut out, c * g.c_out * hwo, |t, out| {
+    zeroed_chunks(g.b * g.c_out * hwo, c * g.c_out * hwo, |t, out| {
         with_cols(cols_len, |cols: &mut [T]| {
             for (j, out) in out.chunks_mut(n_g * g.c_out * hwo).enumerate() {
                 let n = out.len() / (g.c_out * hwo);
@@ -744,8 +768,7 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T], kept: Option<&Kept<T>>) -> 
                 }
             }
         })
-    });
-    out
+    })
 }
 
 /// `dx` from the output gradient `dy` `[b, c_out, h_out, w_out]` and the weight.
@@ -755,8 +778,8 @@ fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T], kept: Option<&Kept<T>>)
     }
     let reads = Reads::new(g);
     let (kd, hwo) = (g.kdim(), g.hw_out());
-    let mut dx = zeros(g.b * g.c_in * g.hw());
     if paired(g) {
+        let mut dx = zeros(g.b * g.c_in * g.hw());
         with_cols(kd * hwo, |cols: &mut [T]| {
             input_grad_pair(g, &reads, dy, w, &mut dx, cols)
         });
@@ -765,7 +788,7 @@ fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T], kept: Option<&Kept<T>>)
     let n_g = group(g);
     let c = chunk(g.b, n_g);
     let cols_len = if g.is_pointwise() { 0 } else { kd * hwo * n_g };
-    each_chunk(&mut dx, c * g.c_in * g.hw(), |t, dx| {
+    zeroed_chunks(g.b * g.c_in * g.hw(), c * g.c_in * g.hw(), |t, dx| {
         with_cols(cols_len, |cols: &mut [T]| {
             for (j, dx) in dx.chunks_mut(n_g * g.c_in * g.hw()).enumerate() {
                 let n = dx.len() / (g.c_in * g.hw());
@@ -802,8 +825,7 @@ fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T], kept: Option<&Kept<T>>)
                 }
             }
         })
-    });
-    dx
+    })
 }
 
 /// `dw` `[c_out, c_in, k, k]` from the output gradient and the input, summed over the batch.
