@@ -58,21 +58,23 @@ fn model(kind: ModelKind, seed: u64) -> Model {
     Model::new(c, seed, DType::F32, &Device::Cpu).expect("the small CNN builds")
 }
 
-/// `median(time of f(1)) / median(time of f(0))` over `runs` calls of each, alternating, after
-/// one untimed call of each.
+/// The median over `runs` pairs of `f(1)`'s time over `f(0)`'s, each pair called in turn after
+/// one untimed call of each: a ratio within each pair, so that the host's drift (up to 2x over
+/// minutes on the development machines) cancels.
 fn alternate(runs: usize, f: impl Fn(usize)) -> f64 {
     f(0);
     f(1);
-    let mut t = [Vec::new(), Vec::new()];
-    for _ in 0..runs {
-        for (k, t) in t.iter_mut().enumerate() {
-            let start = Instant::now();
-            f(k);
-            t.push(start.elapsed().as_secs_f64());
-        }
-    }
-    let [a, b] = t;
-    median(b) / median(a)
+    let ratios = (0..runs)
+        .map(|_| {
+            let [a, b] = [0, 1].map(|k| {
+                let start = Instant::now();
+                f(k);
+                start.elapsed().as_secs_f64()
+            });
+            b / a
+        })
+        .collect();
+    median(ratios)
 }
 
 struct Row {
@@ -122,7 +124,8 @@ fn main() {
 
         // AW-Net's own cost (router, signals, MixBN): its time over the static model's, one call
         // of each in turn so that the host's drift cancels; inference as above, and a training-mode
-        // forward and backward pass (clean batch, cross-entropy) through candle's graph.
+        // forward and backward pass (clean batch, cross-entropy) through candle's graph. The
+        // PyTorch reference measures the same two ratios for its own models.
         if want("awnet_overhead") {
             let frozen = [stat.frozen().unwrap(), aw.frozen().unwrap()];
             let nets = frozen.each_ref().map(|f| attack::Snapshot::new(f).unwrap());
@@ -131,7 +134,7 @@ fn main() {
             });
             let labels = candle_core::Tensor::new(ys.as_slice(), &dev).unwrap();
             let models = [&stat, &aw];
-            let train = alternate(7, |k| {
+            let train = alternate(15, |k| {
                 awnet_lab::on_pool(|| {
                     let f = models[k].forward(&xs, Mode::Train(BatchType::Clean)).unwrap();
                     let loss = candle_nn::loss::cross_entropy(&f.logits, &labels).unwrap();
@@ -408,12 +411,16 @@ fn main() {
             r.what,
             ours,
             r.unit,
-            theirs.map_or("-".into(), |t| format!("{t:.1}")),
+            theirs.map_or("-".into(), |t| if r.unit == "x" {
+                format!("{t:.2}")
+            } else {
+                format!("{t:.1}")
+            }),
             if theirs.is_some() { r.unit } else { "" },
             ratio
         );
     }
-    println!("(ratio > 1: candle faster; peak memory is compared as PyTorch / candle)");
+    println!("(ratio > 1: candle faster; peak memory and the AW-Net / static rows are compared as PyTorch / candle)");
 }
 
 fn pytorch_reference() -> Option<serde_json::Value> {

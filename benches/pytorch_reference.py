@@ -133,6 +133,22 @@ def timed(warmup, runs, f):
     return ts[len(ts) // 2]
 
 
+def alternate(runs, f):
+    """The median over `runs` pairs of f(1)'s time over f(0)'s, called in turn (as the bench's
+    `alternate`)."""
+    f(0)
+    f(1)
+    ratios = []
+    for _ in range(runs):
+        t = []
+        for k in (0, 1):
+            s = time.perf_counter()
+            f(k)
+            t.append(time.perf_counter() - s)
+        ratios.append(t[1] / t[0])
+    return sorted(ratios)[len(ratios) // 2]
+
+
 def main():
     (n, h, w), images = read_idx(os.path.join(SUBSET, "t10k-images-idx3-ubyte.gz"))
     _, labels = read_idx(os.path.join(SUBSET, "t10k-labels-idx1-ubyte.gz"))
@@ -145,6 +161,18 @@ def main():
         m = Net(aw).eval()
         with torch.no_grad():
             out[key] = 128 / timed(2, 7, lambda: m(x))
+    nets = [Net(False).eval(), Net(True).eval()]
+
+    def infer(k):
+        with torch.no_grad():
+            nets[k](x)
+    out["awnet_overhead_infer"] = alternate(15, infer)
+    nets = [Net(False).train(), Net(True).train()]
+
+    def train(k):
+        nets[k].zero_grad(set_to_none=True)
+        F.cross_entropy(nets[k](x)[0], y).backward()
+    out["awnet_overhead_train"] = alternate(15, train)
     teachers = [Net(False).eval(), Net(False).eval()]
     for key, method, runs in [("train_standard", "standard", 7), ("train_pgd_at", "pgd-at", 3), ("train_awnet", "awnet", 3)]:
         m = Net(method == "awnet").train()
