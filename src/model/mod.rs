@@ -466,9 +466,8 @@ impl Model {
     pub fn frozen(&self) -> Result<Network> {
         let vars = self.named_vars();
         let dtype = vars.first().map(|(_, v)| v.dtype()).unwrap_or(DType::F32);
-        let device = vars.first().map(|(_, v)| v.device().clone()).unwrap_or(Device::Cpu);
         let tensors = vars.into_iter().map(|(n, v)| (n, v.as_detached_tensor())).collect();
-        Network::new(&self.config, VarBuilder::from_tensors(tensors, dtype, &device))
+        Network::new(&self.config, VarBuilder::from_tensors(tensors, dtype, &self.device()))
     }
 
     /// Where the weights live.
