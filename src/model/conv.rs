@@ -19,6 +19,8 @@ use std::sync::{Mutex, OnceLock};
 
 use rayon::prelude::*;
 
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+use super::direct;
 use super::lanes::F8;
 use super::{pair, winograd};
 
@@ -623,7 +625,7 @@ pub(crate) const PAR_MIN: usize = 1 << 16;
 /// `f(t, chunk)` for every chunk `t` of `size` values, on rayon's pool; inline when there is only
 /// one, since handing a single task to the pool adds a thread wake-up (tens of microseconds, and
 /// erratic on a virtual machine) to every convolution of an attack on one image.
-fn each_chunk<T: Send>(v: &mut [T], size: usize, f: impl Fn(usize, &mut [T]) + Send + Sync) {
+pub(super) fn each_chunk<T: Send>(v: &mut [T], size: usize, f: impl Fn(usize, &mut [T]) + Send + Sync) {
     if v.len() <= size {
         f(0, v)
     } else {
@@ -710,6 +712,9 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T], kept: Option<&Kept<T>>) -> 
     if winograd::applies(g) {
         return winograd::forward(g, x, w, kept.map(|k| &k.forward));
     }
+    if let Some(y) = direct(g, false, x, w, kept.map(|k| &k.forward)) {
+        return y;
+    }
     let reads = Reads::new(g);
     let (kd, hwo) = (g.kdim(), g.hw_out());
     if paired(g) {
@@ -771,10 +776,67 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T], kept: Option<&Kept<T>>) -> 
     })
 }
 
+/// The forward pass (or with `grad`, the input gradient from `dy` as `a`) by `direct`'s kernel,
+/// where it applies: `f32`, on a build with AVX-512. `kept` keeps the filters' panels.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+fn direct<T: WithDType>(g: &Geom, grad: bool, a: &[T], w: &[T], kept: Option<&OnceLock<Vec<T>>>) -> Option<Vec<T>> {
+    if TypeId::of::<T>() != TypeId::of::<f32>() || !direct::applies(g, if grad { g.c_in } else { g.c_out }) {
+        return None;
+    }
+    let made;
+    let panels = match kept {
+        Some(k) => as_f32(k.get_or_init(|| from_f32(direct::panels(g, as_f32(w), grad)))),
+        None => {
+            made = direct::panels(g, as_f32(w), grad);
+            &made
+        }
+    };
+    Some(from_f32(direct::run(g, as_f32(a), panels, grad)))
+}
+
+/// The weight gradient by `direct`'s kernel, where it applies.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+fn direct_weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Option<Vec<T>> {
+    if TypeId::of::<T>() != TypeId::of::<f32>() || !direct::weight_applies(g) {
+        return None;
+    }
+    Some(from_f32(direct::weight_grad(g, as_f32(dy), as_f32(x))))
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+fn direct_weight_grad<T: WithDType>(_: &Geom, _: &[T], _: &[T]) -> Option<Vec<T>> {
+    None
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+fn direct<T: WithDType>(_: &Geom, _: bool, _: &[T], _: &[T], _: Option<&OnceLock<Vec<T>>>) -> Option<Vec<T>> {
+    None
+}
+
+/// A `T` slice as the `f32` slice it is; panics for any other `T`.
+#[cfg_attr(not(all(target_arch = "x86_64", target_feature = "avx512f")), allow(dead_code))]
+fn as_f32<T: WithDType>(s: &[T]) -> &[f32] {
+    assert_eq!(TypeId::of::<T>(), TypeId::of::<f32>());
+    // SAFETY: `T` is `f32`.
+    unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len()) }
+}
+
+/// An `f32` vector as the `Vec<T>` it is; panics for any other `T`.
+#[cfg_attr(not(all(target_arch = "x86_64", target_feature = "avx512f")), allow(dead_code))]
+fn from_f32<T: WithDType>(v: Vec<f32>) -> Vec<T> {
+    assert_eq!(TypeId::of::<T>(), TypeId::of::<f32>());
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: `T` is `f32`: the same allocation, length and capacity.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<T>(), v.len(), v.capacity()) }
+}
+
 /// `dx` from the output gradient `dy` `[b, c_out, h_out, w_out]` and the weight.
 fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T], kept: Option<&Kept<T>>) -> Vec<T> {
     if winograd::applies(g) {
         return winograd::input_grad(g, dy, w, kept.map(|k| &k.turned));
+    }
+    if let Some(dx) = direct(g, true, dy, w, kept.map(|k| &k.turned)) {
+        return dx;
     }
     let reads = Reads::new(g);
     let (kd, hwo) = (g.kdim(), g.hw_out());
@@ -837,6 +899,9 @@ fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T], kept: Option<&Kept<T>>)
 fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
     if winograd::applies(g) {
         return winograd::weight_grad(g, dy, x);
+    }
+    if let Some(dw) = direct_weight_grad(g, dy, x) {
+        return dw;
     }
     let reads = Reads::new(g);
     let (kd, hwo) = (g.kdim(), g.hw_out());
@@ -970,10 +1035,11 @@ pub(super) fn for_chunks<T: Send>(v: &mut [T], size: usize, f: impl Fn(usize, &m
 }
 
 /// What the kernels derive from a filter bank, kept by code whose weights do not change between
-/// calls (an attack's snapshot, over its many steps): Winograd's transformed filters, for the
-/// forward pass and the input gradient, each made on first use. Each is 16/9 of the weights; on
-/// ResNet-18's 512-channel layers, making one cost as much as a quarter of the layer's forward
-/// pass. A `Kept` belongs to one `w`: passing it with other weights gives wrong results.
+/// calls (an attack's snapshot, over its many steps): Winograd's transformed filters, or the
+/// direct kernel's panels, for the forward pass and the input gradient, each made on first use.
+/// Each is 16/9 of the weights; on ResNet-18's 512-channel layers, making one cost as much as a
+/// quarter of the layer's forward pass. A `Kept` belongs to one `w` (and so one geometry, whose
+/// kernel never changes): passing it with other weights gives wrong results.
 pub(crate) struct Kept<T> {
     forward: OnceLock<Vec<T>>,
     turned: OnceLock<Vec<T>>,

@@ -3,6 +3,8 @@
 
 pub mod checkpoint;
 pub mod conv;
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+mod direct;
 pub mod fused;
 pub mod init;
 mod lanes;

@@ -1,0 +1,487 @@
+//! Direct 3x3 convolution with stride 1 and padding 1, in AVX-512 registers, for `f32` maps 12 to
+//! 16 or 26 to 32 values wide (the small CNN's 28 x 28 and 14 x 14 layers, ResNet-18's 32 x 32 and
+//! 16 x 16 ones where Winograd does not apply): forward, and the input gradient as the same
+//! convolution of `dy` with the filters transposed and turned by 180 degrees.
+//!
+//! im2col + gemm moves every input value nine times into a column matrix, then gemm copies that
+//! matrix once more into its own panels; on the small CNN's 32 -> 64 layer (14 x 14) those copies
+//! took a quarter of the time. Here a tile of outputs, 8 channels by 2 vectors of 16 positions
+//! (whole rows of the map), sums in 16 registers while the inputs are read straight from a
+//! zero-padded copy of the image: per filter tap, 2 unaligned loads (the 16 positions of a row,
+//! shifted by the tap), 8 broadcast weights and 16 fused multiply-adds. The lanes past a row's
+//! end compute garbage from the next row and are never stored.
+//!
+//! The weight gradient runs its vectors along output channels instead (see [`weight_grad`]).
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::conv::{Geom, partial_sums, sum_parts, with_cols};
+use super::pair;
+
+/// Output channels per tile: the broadcast weights of one filter tap.
+const MR: usize = 8;
+
+/// Vectors of 16 outputs per tile, so `8 N` accumulators. Three (two rows more per tile, but a
+/// third row of 14 x 14 maps' last tile computed for nothing) measured 5-7% slower on the small
+/// CNN's 14 x 14 layers, the same on 28 x 28.
+const N: usize = 2;
+
+/// Whether [`run`]'s forward pass (with `g.c_out` outputs) or input gradient (`g.c_in`) handle a
+/// convolution: 3x3, stride 1, padding 1, a multiple of 8 output channels, and rows that fill at
+/// least three quarters of the vector lanes they take (12..=16 or 26..=32 values; narrower maps
+/// waste more than im2col's copies cost).
+pub(super) fn applies(g: &Geom, outputs: usize) -> bool {
+    let lanes = g.w.div_ceil(16) * 16;
+    g.k == 3 && g.stride == 1 && g.pad == 1 && outputs.is_multiple_of(MR) && g.w <= 32 && 4 * g.w >= 3 * lanes
+}
+
+/// `y[b, o, h, w] = sum_{i, ki, kj} f(o, i, ki * 3 + kj) x[b, i, h + ki - 1, w + kj - 1]` for
+/// `x` `[b, inputs, h, w]`, with the filters `f` given as their 8-channel panels.
+fn conv(g: &Geom, x: &[f32], inputs: usize, outputs: usize, panels: &[f32]) -> Vec<f32> {
+    let (h, w) = (g.h, g.w);
+    let wp = w + 2;
+    let plane = (h + 2) * wp;
+    // Reads run past the last plane by up to two rows and a vector.
+    let padded_len = inputs * plane + 3 * wp + 32;
+    let (x_image, y_image) = (inputs * h * w, outputs * h * w);
+    let blocks = outputs / MR;
+    let mut y: Vec<f32> = Vec::with_capacity(g.b * y_image);
+    let pad = |x: &[f32], xp: &mut [f32]| pad(x, h, w, xp);
+    let slots = &mut y.spare_capacity_mut()[..g.b * y_image];
+    if g.b == 1 && pair::available() && blocks > 1 {
+        with_cols(padded_len, |xp: &mut [f32]| {
+            pad(x, xp);
+            let out = slots.as_mut_ptr() as usize;
+            pair::both(&|t| {
+                let range = if t == 0 { 0..blocks / 2 } else { blocks / 2..blocks };
+                // SAFETY: `out` holds the image's `outputs` channels; the two halves write
+                // disjoint ones.
+                unsafe { image(xp, inputs, h, w, panels, range, out as *mut f32) };
+            });
+        });
+    } else {
+        let per_task = g.b.div_ceil(4 * rayon::current_num_threads()).max(1);
+        super::conv::each_chunk(slots, per_task * y_image, |t, out| {
+            with_cols(padded_len, |xp: &mut [f32]| {
+                for (i, out) in out.chunks_exact_mut(y_image).enumerate() {
+                    let n = t * per_task + i;
+                    pad(&x[n * x_image..][..x_image], xp);
+                    // SAFETY: `out` holds the image's `outputs` channels.
+                    unsafe { image(xp, inputs, h, w, panels, 0..blocks, out.as_mut_ptr().cast()) };
+                }
+            })
+        });
+    }
+    // SAFETY: every image's every output channel, row and value was stored by `image`.
+    unsafe { y.set_len(g.b * y_image) };
+    y
+}
+
+/// One image's `[c, h, w]` maps `x` into `xp` with a line and a column of zeros on each side:
+/// planes `(h + 2) (w + 2)` values apart, lines `w + 2`, zeros after the last plane too.
+fn pad(x: &[f32], h: usize, w: usize, xp: &mut [f32]) {
+    let (wp, plane) = (w + 2, (h + 2) * (w + 2));
+    xp.fill(0.0);
+    for (src, dst) in x.chunks_exact(h * w).zip(xp.chunks_exact_mut(plane)) {
+        for (row, line) in src.chunks_exact(w).zip(dst[wp..].chunks_exact_mut(wp)) {
+            line[1..=w].copy_from_slice(row);
+        }
+    }
+}
+
+/// One image's output channel blocks `blocks` from its padded input `xp`, written to `out`, in
+/// tiles of [`N`] vectors: two rows of up to 16 values, or one row of up to 32.
+///
+/// # Safety
+/// `out` must address the image's `[outputs, h, w]` values, writable, and nothing else may
+/// touch the channels of `blocks` meanwhile.
+unsafe fn image(xp: &[f32], inputs: usize, h: usize, w: usize, panels: &[f32], blocks: Range<usize>, out: *mut f32) {
+    let wp = w + 2;
+    let per_row = w.div_ceil(16);
+    let rows = N / per_row;
+    let offsets: [usize; N] = std::array::from_fn(|j| (j / per_row) * wp + 16 * (j % per_row));
+    let panel = inputs * 9 * MR;
+    assert!(xp.len() >= inputs * (h + 2) * wp + 3 * wp + 32 && panels.len() >= blocks.end * panel);
+    for blk in blocks {
+        let wk = &panels[blk * panel..][..panel];
+        for oy in (0..h).step_by(rows) {
+            // SAFETY: `xp` holds `inputs` padded planes and `3 wp + 32` values more, so every read
+            // (padded row `oy + rows + 1 <= h + 2` at most, a vector from column
+            // `16 (per_row - 1) + 2`) is inside it; `wk` holds the block's weights.
+            let acc = unsafe {
+                tile(
+                    xp.as_ptr().add(oy * wp),
+                    (2 + h) * wp,
+                    wp,
+                    inputs,
+                    wk.as_ptr(),
+                    &offsets,
+                )
+            };
+            for (m, acc) in acc.iter().enumerate() {
+                let channel = (blk * MR + m) * h * w;
+                for (j, acc) in acc.iter().enumerate() {
+                    let (r, c0) = (oy + j / per_row, 16 * (j % per_row));
+                    if r >= h {
+                        continue;
+                    }
+                    let mask = (u32::MAX >> (32 - (w - c0).min(16))) as __mmask16;
+                    // SAFETY: the mask stores `min(w - c0, 16)` lanes from row `r`'s value `c0`
+                    // of channel `blk * 8 + m`, inside `out` (the caller's guarantee).
+                    unsafe { _mm512_mask_storeu_ps(out.add(channel + r * w + c0), mask, *acc) };
+                }
+            }
+        }
+    }
+}
+
+/// The `8 x N` accumulators of one tile: its vectors start at `xp + offsets[j]`, the first
+/// tap's top-left corner; planes are `plane` values apart, rows `wp`.
+///
+/// # Safety
+/// Every vector read, `xp + i * plane + offsets[j] + ki * wp + kj` for `i < inputs` and taps
+/// `ki, kj < 3`, plus 16 values, must be inside one allocation; `wk` must hold `inputs * 72`
+/// values.
+#[inline(always)]
+unsafe fn tile(
+    xp: *const f32,
+    plane: usize,
+    wp: usize,
+    inputs: usize,
+    wk: *const f32,
+    offsets: &[usize; N],
+) -> [[__m512; N]; MR] {
+    // SAFETY: the caller guarantees the extents of every read.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); N]; MR];
+        for i in 0..inputs {
+            let src = xp.add(i * plane);
+            let wi = wk.add(i * 9 * MR);
+            for ki in 0..3 {
+                for kj in 0..3 {
+                    let wt = wi.add((ki * 3 + kj) * MR);
+                    let xv: [__m512; N] = std::array::from_fn(|j| _mm512_loadu_ps(src.add(offsets[j] + ki * wp + kj)));
+                    for (m, acc) in acc.iter_mut().enumerate() {
+                        let b = _mm512_set1_ps(*wt.add(m));
+                        for (a, &v) in acc.iter_mut().zip(&xv) {
+                            *a = _mm512_fmadd_ps(b, v, *a);
+                        }
+                    }
+                }
+            }
+        }
+        acc
+    }
+}
+
+/// The filters as `[outputs / 8][inputs][9][8]` panels: `w` `[c_out, c_in, 3, 3]` itself for the
+/// forward pass, or with `grad`, for the input gradient, each filter `w[o, i]` turned by 180
+/// degrees and filed under input channel `i` as its output.
+pub(super) fn panels(g: &Geom, w: &[f32], grad: bool) -> Vec<f32> {
+    let (outputs, inputs) = if grad { (g.c_in, g.c_out) } else { (g.c_out, g.c_in) };
+    let mut p = Vec::with_capacity(outputs * inputs * 9);
+    for blk in 0..outputs / MR {
+        for i in 0..inputs {
+            for tap in 0..9 {
+                p.extend((blk * MR..(blk + 1) * MR).map(|o| {
+                    if grad {
+                        w[(i * g.c_in + o) * 9 + 8 - tap]
+                    } else {
+                        w[(o * g.c_in + i) * 9 + tap]
+                    }
+                }));
+            }
+        }
+    }
+    p
+}
+
+/// The forward pass `conv(x, w)` from `x` `[b, c_in, h, w]`, or with `grad` the input gradient
+/// `[b, c_in, h, w]` from `dy` `[b, c_out, h, w]`, given the [`panels`] made with the same `grad`.
+pub(super) fn run(g: &Geom, a: &[f32], panels: &[f32], grad: bool) -> Vec<f32> {
+    let (outputs, inputs) = if grad { (g.c_in, g.c_out) } else { (g.c_out, g.c_in) };
+    conv(g, a, inputs, outputs, panels)
+}
+
+/// Whether [`weight_grad`] handles a convolution: as [`applies`], with a multiple of 16 output
+/// channels (its vectors run along them).
+pub(super) fn weight_applies(g: &Geom) -> bool {
+    applies(g, g.c_out) && g.c_out.is_multiple_of(16)
+}
+
+/// `dw` `[c_out, c_in, 3, 3]`, summed over the batch, from `dy` `[b, c_out, h, w]` and `x`
+/// `[b, c_in, h, w]`, for a convolution [`weight_applies`] takes.
+///
+/// Here the vectors run along output channels: each image's `dy` is turned channels-last, in
+/// blocks of 32 channels (`[h w][32]`), so that at every position one tile adds the 9 taps of
+/// one input channel (9 broadcast input values of the padded image) times 2 vectors of `dy`, in
+/// 18 accumulators kept over the whole image. No lane is wasted on a line's end, and the
+/// accumulators go to memory once per image and tile. (Vectors along positions, as in the
+/// forward pass, needed 8 vector loads per 24 products and a sum across lanes: slower than
+/// im2col + gemm.) The parts are `conv::partial_sums`'s, fixed by the thread count, so the sums'
+/// rounding does not depend on scheduling.
+pub(super) fn weight_grad(g: &Geom, dy: &[f32], x: &[f32]) -> Vec<f32> {
+    let (h, w, hw) = (g.h, g.w, g.h * g.w);
+    let wp = w + 2;
+    let plane = (h + 2) * wp;
+    let padded_len = g.c_in * plane + 3 * wp + 32;
+    let (x_image, y_image) = (g.c_in * hw, g.c_out * hw);
+    let taps = g.c_out * g.c_in * 9;
+    let per_task = g.b.div_ceil(4 * rayon::current_num_threads()).max(1);
+    // Channel blocks: 32 wide, and a last one of 16 where `c_out` is an odd multiple of 16.
+    let blocks: Vec<(usize, usize)> = (0..g.c_out)
+        .step_by(32)
+        .map(|c0| (c0, (g.c_out - c0).min(32)))
+        .collect();
+    let add = |mut part: Vec<f32>, t: usize| {
+        if part.is_empty() {
+            part = vec![0.0; taps];
+        }
+        with_cols(padded_len + y_image, |buf: &mut [f32]| {
+            let (xp, dyt) = buf.split_at_mut(padded_len);
+            for n in t * per_task..((t + 1) * per_task).min(g.b) {
+                pad(&x[n * x_image..][..x_image], h, w, xp);
+                let dy = &dy[n * y_image..][..y_image];
+                for &(c0, width) in &blocks {
+                    channels_last(
+                        &dy[c0 * hw..][..width * hw],
+                        hw,
+                        width,
+                        &mut dyt[c0 * hw..][..width * hw],
+                    );
+                }
+                for &(c0, width) in &blocks {
+                    let d = &dyt[c0 * hw..][..width * hw];
+                    for ci in 0..g.c_in {
+                        let xc = &xp[ci * plane..][..plane];
+                        // SAFETY: `xc` is input channel `ci`'s padded plane, `(h + 2) (w + 2)`
+                        // values; `d` the block's `h w` positions of `width` values.
+                        let sums: [[__m512; 2]; 9] = unsafe {
+                            if width == 32 {
+                                weight_tile::<2>(xc.as_ptr(), d.as_ptr(), h, w)
+                            } else {
+                                let one = weight_tile::<1>(xc.as_ptr(), d.as_ptr(), h, w);
+                                one.map(|[v]| [v, _mm512_setzero_ps()])
+                            }
+                        };
+                        for (tap, sums) in sums.iter().enumerate() {
+                            let dst = &mut part[(ci * 9 + tap) * g.c_out + c0..][..width];
+                            for (dst, sum) in dst.chunks_exact_mut(16).zip(sums) {
+                                // SAFETY: `dst` holds 16 values.
+                                unsafe {
+                                    _mm512_storeu_ps(
+                                        dst.as_mut_ptr(),
+                                        _mm512_add_ps(_mm512_loadu_ps(dst.as_ptr()), *sum),
+                                    )
+                                };
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        part
+    };
+    let part = sum_parts(partial_sums(g.b.div_ceil(per_task), add));
+    // `part` is `[c_in, 9, c_out]`; `dw` wants `[c_out, c_in, 9]`.
+    let mut dw = vec![0.0; taps];
+    for (ci_tap, row) in part.chunks_exact(g.c_out).enumerate() {
+        for (co, &v) in row.iter().enumerate() {
+            dw[co * g.c_in * 9 + ci_tap] = v;
+        }
+    }
+    dw
+}
+
+/// `width` planes of `hw` values as `hw` positions of `width` values: 16 x 16 blocks transposed in
+/// registers, the positions past the last whole block one by one.
+fn channels_last(src: &[f32], hw: usize, width: usize, dst: &mut [f32]) {
+    assert!(width.is_multiple_of(16) && src.len() == width * hw && dst.len() == width * hw);
+    let whole = hw / 16 * 16;
+    for c in (0..width).step_by(16) {
+        for q in (0..whole).step_by(16) {
+            // SAFETY: rows `c..c + 16` of `src` hold positions `q..q + 16`, and `dst` positions
+            // `q..q + 16` channels `c..c + 16` (`q + 16 <= hw`, `c + 16 <= width`).
+            unsafe {
+                let rows: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(src.as_ptr().add((c + i) * hw + q)));
+                for (j, v) in transpose16(rows).into_iter().enumerate() {
+                    _mm512_storeu_ps(dst.as_mut_ptr().add((q + j) * width + c), v);
+                }
+            }
+        }
+    }
+    for q in whole..hw {
+        for c in 0..width {
+            dst[q * width + c] = src[c * hw + q];
+        }
+    }
+}
+
+/// The transpose of a 16 x 16 block held as 16 rows: within 128-bit lanes by unpacking and
+/// shuffling pairs, then across lanes.
+#[inline(always)]
+fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    // SAFETY: register operations only (the build has AVX-512).
+    unsafe {
+        // t[2i] = unpacklo(r[2i], r[2i + 1]), t[2i + 1] = unpackhi: per lane [a0 b0 a1 b1] / [a2 b2 a3 b3].
+        let t: [__m512; 16] = std::array::from_fn(|i| {
+            let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_ps(a, b)
+            } else {
+                _mm512_unpackhi_ps(a, b)
+            }
+        });
+        // u[4g + k]: per lane, column k of rows 4g..4g + 4.
+        let u: [__m512; 16] = std::array::from_fn(|i| {
+            let (g, k) = (i / 4, i % 4);
+            let (a, b) = (t[4 * g + k / 2], t[4 * g + 2 + k / 2]);
+            if k % 2 == 0 {
+                _mm512_shuffle_ps::<0x44>(a, b)
+            } else {
+                _mm512_shuffle_ps::<0xEE>(a, b)
+            }
+        });
+        // Column 4 l + k is lane l of u[k], u[4 + k], u[8 + k], u[12 + k].
+        let mut out = [_mm512_setzero_ps(); 16];
+        for k in 0..4 {
+            let v = _mm512_shuffle_f32x4::<0x88>(u[k], u[4 + k]);
+            let w = _mm512_shuffle_f32x4::<0xDD>(u[k], u[4 + k]);
+            let v2 = _mm512_shuffle_f32x4::<0x88>(u[8 + k], u[12 + k]);
+            let w2 = _mm512_shuffle_f32x4::<0xDD>(u[8 + k], u[12 + k]);
+            out[k] = _mm512_shuffle_f32x4::<0x88>(v, v2);
+            out[8 + k] = _mm512_shuffle_f32x4::<0xDD>(v, v2);
+            out[4 + k] = _mm512_shuffle_f32x4::<0x88>(w, w2);
+            out[12 + k] = _mm512_shuffle_f32x4::<0xDD>(w, w2);
+        }
+        out
+    }
+}
+
+/// `sum over positions (y, x) of dy[y, x] * xp[y + ki, x + kj]` for the 9 taps `ki * 3 + kj`:
+/// `dy` the positions' `16 V` channels, one after another, `xp` a padded input plane.
+///
+/// # Safety
+/// `xp` must address `(h + 2) (w + 2)` readable values, `dy` `h w 16 V`.
+#[inline(always)]
+unsafe fn weight_tile<const V: usize>(xp: *const f32, dy: *const f32, h: usize, w: usize) -> [[__m512; V]; 9] {
+    let wp = w + 2;
+    // SAFETY: the caller guarantees the extents: `y + ki < h + 2`, `x + kj < w + 2`.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); V]; 9];
+        for y in 0..h {
+            let xr = xp.add(y * wp);
+            let dr = dy.add(y * w * 16 * V);
+            for x in 0..w {
+                let d: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(dr.add((x * V + v) * 16)));
+                for ki in 0..3 {
+                    for kj in 0..3 {
+                        let b = _mm512_set1_ps(*xr.add(ki * wp + x + kj));
+                        for (a, &d) in acc[ki * 3 + kj].iter_mut().zip(&d) {
+                            *a = _mm512_fmadd_ps(b, d, *a);
+                        }
+                    }
+                }
+            }
+        }
+        acc
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::conv::{conv2d, forward_slices, input_grad_slices};
+    use candle_core::{Device, Tensor, Var};
+
+    fn values(n: usize, seed: u64) -> Vec<f64> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (s >> 40) as f64 / (1u64 << 24) as f64 - 0.5
+            })
+            .collect()
+    }
+
+    fn max_diff(a: &[f32], b: &[f64]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(&a, &b)| (f64::from(a) - b).abs())
+            .fold(0.0, f64::max)
+    }
+
+    /// The three kernels against the im2col path in f64 (which `direct` never takes), on rows of
+    /// every width class (12 to 16 and 26 to 32 values), odd heights (a tile's last rows past
+    /// the map), one image (two threads, an odd number of channel blocks) and several.
+    #[test]
+    fn matches_the_im2col_path() {
+        let cases = [
+            // (b, c_in, c_out, h, w)
+            (2, 3, 8, 5, 12),
+            (3, 5, 16, 14, 14),
+            (1, 4, 16, 7, 16),
+            (2, 2, 8, 3, 26),
+            (1, 3, 24, 9, 28),
+            (2, 8, 8, 1, 32),
+            (1, 8, 24, 14, 14),
+            (2, 16, 8, 6, 28),
+            (5, 8, 16, 4, 13),
+            (2, 3, 48, 6, 14),
+            (3, 2, 32, 5, 28),
+        ];
+        for (i, &(b, ci, co, h, w)) in cases.iter().enumerate() {
+            let g = Geom::new(&[b, ci, h, w], &[co, ci, 3, 3], 1, 1).unwrap();
+            let x = values(b * ci * h * w, i as u64);
+            let wt = values(co * ci * 9, 50 + i as u64);
+            let dy = values(b * co * h * w, 100 + i as u64);
+            let f32s = |v: &[f64]| v.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+            let (x32, w32, dy32) = (f32s(&x), f32s(&wt), f32s(&dy));
+            // Tolerance: f32 rounding of sums of up to 144 products of values under 0.5.
+            assert!(applies(&g, co), "case {i}");
+            let (want, _) = forward_slices(&x, [b, ci, h, w], &wt, [co, ci, 3, 3], 1, 1, None).unwrap();
+            let got = run(&g, &x32, &panels(&g, &w32, false), false);
+            assert!(max_diff(&got, &want) < 1e-5, "forward, case {i}");
+            if weight_applies(&g) {
+                let xt = Tensor::from_vec(x.clone(), (b, ci, h, w), &Device::Cpu).unwrap();
+                let wv = Var::from_vec(wt.clone(), (co, ci, 3, 3), &Device::Cpu).unwrap();
+                let probe = Tensor::from_vec(dy.clone(), (b, co, h, w), &Device::Cpu).unwrap();
+                let y = conv2d(&xt, wv.as_tensor(), 1, 1).unwrap();
+                let grads = (y * probe).unwrap().sum_all().unwrap().backward().unwrap();
+                let want = grads
+                    .get(wv.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap();
+                // Sums over up to 5 x 14 x 14 positions.
+                assert!(
+                    max_diff(&weight_grad(&g, &dy32, &x32), &want) < 1e-4,
+                    "weight gradient, case {i}"
+                );
+            }
+            if applies(&g, ci) {
+                let want = input_grad_slices(&dy, [b, ci, h, w], &wt, [co, ci, 3, 3], 1, 1, None).unwrap();
+                let got = run(&g, &dy32, &panels(&g, &w32, true), true);
+                assert!(max_diff(&got, &want) < 1e-5, "input gradient, case {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn takes_only_the_shapes_it_fits() {
+        let fits = |c_in, c_out, h, w, k, s, p| {
+            Geom::new(&[2, c_in, h, w], &[c_out, c_in, k, k], s, p).is_ok_and(|g| applies(&g, c_out))
+        };
+        assert!(fits(4, 8, 14, 14, 3, 1, 1));
+        assert!(!fits(4, 6, 14, 14, 3, 1, 1), "channels not a multiple of 8");
+        assert!(!fits(4, 8, 8, 8, 3, 1, 1), "rows filling half a vector");
+        assert!(!fits(4, 8, 20, 20, 3, 1, 1), "rows filling 20 of 32 lanes");
+        assert!(!fits(4, 8, 40, 40, 3, 1, 1), "rows over two vectors");
+        assert!(!fits(4, 8, 14, 14, 3, 2, 1), "strided");
+        assert!(!fits(4, 8, 14, 14, 5, 1, 2), "5x5");
+    }
+}
