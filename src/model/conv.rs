@@ -35,8 +35,8 @@ pub(super) struct Geom {
     pub(super) k: usize,
     pub(super) stride: usize,
     pub(super) pad: usize,
-    h_out: usize,
-    w_out: usize,
+    pub(super) h_out: usize,
+    pub(super) w_out: usize,
 }
 
 impl Geom {
@@ -605,7 +605,7 @@ pub(crate) fn zeros<T: WithDType>(n: usize) -> Vec<T> {
 /// each chunk zeroed by its own task just before `f`: the zeros then sit in the task's cache
 /// when `f` overwrites or adds to them, where a separate zeroing pass wrote the whole buffer out
 /// to memory first.
-fn zeroed_chunks<T: WithDType>(n: usize, size: usize, f: impl Fn(usize, &mut [T]) + Send + Sync) -> Vec<T> {
+pub(super) fn zeroed_chunks<T: WithDType>(n: usize, size: usize, f: impl Fn(usize, &mut [T]) + Send + Sync) -> Vec<T> {
     let mut v = Vec::with_capacity(n);
     each_chunk(&mut v.spare_capacity_mut()[..n], size, |t, c| {
         c.fill(MaybeUninit::new(T::zero()));
@@ -712,7 +712,7 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T], kept: Option<&Kept<T>>) -> 
     if winograd::applies(g) {
         return winograd::forward(g, x, w, kept.map(|k| &k.forward));
     }
-    if let Some(y) = direct(g, false, x, w, kept.map(|k| &k.forward)) {
+    if let Some(y) = direct(g, false, x, w, kept.map(|k| &k.panels)) {
         return y;
     }
     let reads = Reads::new(g);
@@ -776,22 +776,38 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T], kept: Option<&Kept<T>>) -> 
     })
 }
 
-/// The forward pass (or with `grad`, the input gradient from `dy` as `a`) by `direct`'s kernel,
-/// where it applies: `f32`, on a build with AVX-512. `kept` keeps the filters' panels.
+/// The forward pass (or with `grad`, the input gradient from `dy` as `a`) by `direct`'s kernels,
+/// where one applies: `f32`, on a build with AVX-512. `kept` keeps the filters' panels (one
+/// layer's: its stride, so which of `run` or `strided_forward` takes it, never changes).
 #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
 fn direct<T: WithDType>(g: &Geom, grad: bool, a: &[T], w: &[T], kept: Option<&OnceLock<Vec<T>>>) -> Option<Vec<T>> {
-    if TypeId::of::<T>() != TypeId::of::<f32>() || !direct::applies(g, if grad { g.c_in } else { g.c_out }) {
+    if TypeId::of::<T>() != TypeId::of::<f32>() {
         return None;
     }
+    let strided = !grad && direct::strided_applies(g);
+    if !strided && !direct::applies(g, if grad { g.c_in } else { g.c_out }) {
+        return None;
+    }
+    let make = || {
+        if strided {
+            direct::strided_panels(g, as_f32(w))
+        } else {
+            direct::panels(g, as_f32(w), grad)
+        }
+    };
     let made;
     let panels = match kept {
-        Some(k) => as_f32(k.get_or_init(|| from_f32(direct::panels(g, as_f32(w), grad)))),
+        Some(k) => as_f32(k.get_or_init(|| from_f32(make()))),
         None => {
-            made = direct::panels(g, as_f32(w), grad);
+            made = make();
             &made
         }
     };
-    Some(from_f32(direct::run(g, as_f32(a), panels, grad)))
+    Some(from_f32(if strided {
+        direct::strided_forward(g, as_f32(a), panels)
+    } else {
+        direct::run(g, as_f32(a), panels, grad)
+    }))
 }
 
 /// The weight gradient by `direct`'s kernel, where it applies.
@@ -835,7 +851,7 @@ fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T], kept: Option<&Kept<T>>)
     if winograd::applies(g) {
         return winograd::input_grad(g, dy, w, kept.map(|k| &k.turned));
     }
-    if let Some(dx) = direct(g, true, dy, w, kept.map(|k| &k.turned)) {
+    if let Some(dx) = direct(g, true, dy, w, kept.map(|k| &k.turned_panels)) {
         return dx;
     }
     let reads = Reads::new(g);
@@ -1035,14 +1051,17 @@ pub(super) fn for_chunks<T: Send>(v: &mut [T], size: usize, f: impl Fn(usize, &m
 }
 
 /// What the kernels derive from a filter bank, kept by code whose weights do not change between
-/// calls (an attack's snapshot, over its many steps): Winograd's transformed filters, or the
-/// direct kernel's panels, for the forward pass and the input gradient, each made on first use.
-/// Each is 16/9 of the weights; on ResNet-18's 512-channel layers, making one cost as much as a
-/// quarter of the layer's forward pass. A `Kept` belongs to one `w` (and so one geometry, whose
-/// kernel never changes): passing it with other weights gives wrong results.
+/// calls (an attack's snapshot, over its many steps): Winograd's transformed filters (16/9 of the
+/// weights; on ResNet-18's 512-channel layers, making them cost as much as a quarter of the
+/// layer's forward pass) and the direct kernels' panels, for the forward pass and the input
+/// gradient, each made on first use. Winograd's and the direct kernels' are kept apart: which
+/// of them a layer takes depends on the batch (Winograd wants more than one image). A `Kept`
+/// belongs to one `w`: passing it with other weights gives wrong results.
 pub(crate) struct Kept<T> {
     forward: OnceLock<Vec<T>>,
     turned: OnceLock<Vec<T>>,
+    panels: OnceLock<Vec<T>>,
+    turned_panels: OnceLock<Vec<T>>,
 }
 
 impl<T> Default for Kept<T> {
@@ -1050,6 +1069,8 @@ impl<T> Default for Kept<T> {
         Self {
             forward: OnceLock::new(),
             turned: OnceLock::new(),
+            panels: OnceLock::new(),
+            turned_panels: OnceLock::new(),
         }
     }
 }
@@ -1667,6 +1688,37 @@ pub(super) mod tests {
             .to_dtype(DType::F64)
             .unwrap();
         assert!(max_diff(&a, &b) < 1e-5);
+    }
+
+    /// One `Kept` over a batch (Winograd, on AVX-512 builds) then one image (the direct kernels
+    /// there): each kernel finds its own filters, and the results are those made without one.
+    #[test]
+    fn kept_filters_follow_the_kernel() {
+        let (wd, xd) = ([64, 64, 3, 3], [1, 64, 32, 32]);
+        let w: Vec<f32> = rand(&wd, 1)
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let x: Vec<f32> = rand(&[2, 64, 32, 32], 2)
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let kept = Kept::default();
+        forward_slices(&x, [2, 64, 32, 32], &w, wd, 1, 1, Some(&kept)).unwrap();
+        input_grad_slices(&x, [2, 64, 32, 32], &w, wd, 1, 1, Some(&kept)).unwrap();
+        let one = &x[..x.len() / 2];
+        let (with, _) = forward_slices(one, xd, &w, wd, 1, 1, Some(&kept)).unwrap();
+        let (without, _) = forward_slices(one, xd, &w, wd, 1, 1, None).unwrap();
+        assert_eq!(with, without);
+        let with = input_grad_slices(one, xd, &w, wd, 1, 1, Some(&kept)).unwrap();
+        let without = input_grad_slices(one, xd, &w, wd, 1, 1, None).unwrap();
+        assert_eq!(with, without);
     }
 
     #[test]

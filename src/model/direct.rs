@@ -16,7 +16,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::conv::{Geom, partial_sums, sum_parts, with_cols};
+use super::conv::{Geom, partial_sums, sum_parts, with_cols, zeroed_chunks};
 use super::pair;
 
 /// Output channels per tile: the broadcast weights of one filter tap.
@@ -204,10 +204,99 @@ pub(super) fn run(g: &Geom, a: &[f32], panels: &[f32], grad: bool) -> Vec<f32> {
     conv(g, a, inputs, outputs, panels)
 }
 
-/// Whether [`weight_grad`] handles a convolution: as [`applies`], with a multiple of 16 output
-/// channels (its vectors run along them).
+/// Whether [`strided_forward`] handles a convolution: 3x3, stride 2, padding 1, a batch, and 32 or
+/// 64 output channels (the router's downsampling layers; ResNet-18's, with 128 and more, keep
+/// im2col, unmeasured here).
+pub(super) fn strided_applies(g: &Geom) -> bool {
+    g.k == 3 && g.stride == 2 && g.pad == 1 && g.b > 1 && (g.c_out == 32 || g.c_out == 64)
+}
+
+/// The filters `w` `[c_out, c_in, 3, 3]` as `[c_in, 9, c_out]`, for [`strided_forward`].
+pub(super) fn strided_panels(g: &Geom, w: &[f32]) -> Vec<f32> {
+    let mut p = vec![0.0; w.len()];
+    transpose(w, g.c_out, g.c_in * 9, &mut p);
+    p
+}
+
+/// `conv(x, w)` for a convolution [`strided_applies`] takes, with `panels` from
+/// [`strided_panels`]. A stride-2 row of outputs reads every other input, which no vector load
+/// does, so here the vectors run along output channels (as in [`weight_grad`]): a tile of
+/// positions by all the output channels (12 x 2 or 6 x 4 vectors) adds, per input channel and
+/// tap, the broadcast input value under each position times the tap's weights, into a
+/// channels-last image that is transposed once at the end.
+pub(super) fn strided_forward(g: &Geom, x: &[f32], panels: &[f32]) -> Vec<f32> {
+    let (h, w, hw) = (g.h, g.w, g.h_out * g.w_out);
+    let wp = w + 2;
+    let padded_len = g.c_in * (h + 2) * wp + 3 * wp + 32;
+    let (x_image, y_image) = (g.c_in * h * w, g.c_out * hw);
+    let per_task = g.b.div_ceil(4 * rayon::current_num_threads()).max(1);
+    zeroed_chunks(g.b * y_image, per_task * y_image, |t, out| {
+        with_cols(padded_len + y_image, |buf: &mut [f32]| {
+            let (xp, yt) = buf.split_at_mut(padded_len);
+            for (i, out) in out.chunks_exact_mut(y_image).enumerate() {
+                let n = t * per_task + i;
+                pad(&x[n * x_image..][..x_image], h, w, xp);
+                if g.c_out == 32 {
+                    strided_image::<2, 7>(g, xp, panels, yt);
+                } else {
+                    strided_image::<4, 4>(g, xp, panels, yt);
+                }
+                transpose(yt, hw, g.c_out, out);
+            }
+        })
+    })
+}
+
+/// One image's outputs, channels-last (`yt` `[h_out w_out, 16 V]`), in tiles of `P` positions
+/// of one output line: the tile's input values are then `2 p` apart, offsets that the unrolled
+/// loop folds into its loads (a table of positions across lines cost registers, and the
+/// accumulators spilled).
+fn strided_image<const V: usize, const P: usize>(g: &Geom, xp: &[f32], panels: &[f32], yt: &mut [f32]) {
+    let (wp, co) = (g.w + 2, 16 * V);
+    let plane = (g.h + 2) * wp;
+    assert!(g.c_out == co && xp.len() >= g.c_in * plane + 3 * wp + 32 && panels.len() == g.c_in * 9 * co);
+    assert!(yt.len() >= g.h_out * g.w_out * co);
+    for oy in 0..g.h_out {
+        for ox0 in (0..g.w_out).step_by(P) {
+            // SAFETY: every read, `2 oy wp + 2 (ox0 + p) + ki wp + kj` of channel `ci`'s plane
+            // for taps `ki, kj < 3`, is inside the padded planes and their slack: positions past
+            // the line (`p < P <= 7` of them) read on into the next line, or at most `2 P + 2`
+            // values past the last plane. `panels` holds `c_in * 9` rows of `16 V` weights.
+            let acc = unsafe {
+                let mut acc = [[_mm512_setzero_ps(); V]; P];
+                for ci in 0..g.c_in {
+                    let xc = xp.as_ptr().add(ci * plane + 2 * oy * wp + 2 * ox0);
+                    for tap in 0..9 {
+                        let at = xc.add(tap / 3 * wp + tap % 3);
+                        let wr = panels.as_ptr().add((ci * 9 + tap) * co);
+                        let wv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(wr.add(16 * v)));
+                        for (p, acc) in acc.iter_mut().enumerate() {
+                            let b = _mm512_set1_ps(*at.add(2 * p));
+                            for (a, &wv) in acc.iter_mut().zip(&wv) {
+                                *a = _mm512_fmadd_ps(b, wv, *a);
+                            }
+                        }
+                    }
+                }
+                acc
+            };
+            for (p, acc) in acc.iter().enumerate().take(g.w_out - ox0) {
+                let q = oy * g.w_out + ox0 + p;
+                for (v, &a) in acc.iter().enumerate() {
+                    let dst = &mut yt[q * co + 16 * v..][..16];
+                    // SAFETY: `dst` holds 16 values.
+                    unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), a) };
+                }
+            }
+        }
+    }
+}
+
+/// Whether [`weight_grad`] handles a convolution: 3x3 with padding 1 and a multiple of 16 output
+/// channels (its vectors run along them); with stride 1 as [`applies`], with stride 2 as
+/// [`strided_applies`].
 pub(super) fn weight_applies(g: &Geom) -> bool {
-    applies(g, g.c_out) && g.c_out.is_multiple_of(16)
+    g.c_out.is_multiple_of(16) && (applies(g, g.c_out) || strided_applies(g))
 }
 
 /// `dw` `[c_out, c_in, 3, 3]`, summed over the batch, from `dy` `[b, c_out, h, w]` and `x`
@@ -222,11 +311,11 @@ pub(super) fn weight_applies(g: &Geom) -> bool {
 /// im2col + gemm.) The parts are `conv::partial_sums`'s, fixed by the thread count, so the sums'
 /// rounding does not depend on scheduling.
 pub(super) fn weight_grad(g: &Geom, dy: &[f32], x: &[f32]) -> Vec<f32> {
-    let (h, w, hw) = (g.h, g.w, g.h * g.w);
+    let (h, w, hw) = (g.h, g.w, g.h_out * g.w_out);
     let wp = w + 2;
     let plane = (h + 2) * wp;
     let padded_len = g.c_in * plane + 3 * wp + 32;
-    let (x_image, y_image) = (g.c_in * hw, g.c_out * hw);
+    let (x_image, y_image) = (g.c_in * h * w, g.c_out * hw);
     let taps = g.c_out * g.c_in * 9;
     let per_task = g.b.div_ceil(4 * rayon::current_num_threads()).max(1);
     // Channel blocks: 32 wide, and a last one of 16 where `c_out` is an odd multiple of 16.
@@ -244,10 +333,10 @@ pub(super) fn weight_grad(g: &Geom, dy: &[f32], x: &[f32]) -> Vec<f32> {
                 pad(&x[n * x_image..][..x_image], h, w, xp);
                 let dy = &dy[n * y_image..][..y_image];
                 for &(c0, width) in &blocks {
-                    channels_last(
+                    transpose(
                         &dy[c0 * hw..][..width * hw],
-                        hw,
                         width,
+                        hw,
                         &mut dyt[c0 * hw..][..width * hw],
                     );
                 }
@@ -259,9 +348,9 @@ pub(super) fn weight_grad(g: &Geom, dy: &[f32], x: &[f32]) -> Vec<f32> {
                         // values; `d` the block's `h w` positions of `width` values.
                         let sums: [[__m512; 2]; 9] = unsafe {
                             if width == 32 {
-                                weight_tile::<2>(xc.as_ptr(), d.as_ptr(), h, w)
+                                weight_tile::<2>(xc.as_ptr(), d.as_ptr(), g, wp)
                             } else {
-                                let one = weight_tile::<1>(xc.as_ptr(), d.as_ptr(), h, w);
+                                let one = weight_tile::<1>(xc.as_ptr(), d.as_ptr(), g, wp);
                                 one.map(|[v]| [v, _mm512_setzero_ps()])
                             }
                         };
@@ -294,26 +383,27 @@ pub(super) fn weight_grad(g: &Geom, dy: &[f32], x: &[f32]) -> Vec<f32> {
     dw
 }
 
-/// `width` planes of `hw` values as `hw` positions of `width` values: 16 x 16 blocks transposed in
-/// registers, the positions past the last whole block one by one.
-fn channels_last(src: &[f32], hw: usize, width: usize, dst: &mut [f32]) {
-    assert!(width.is_multiple_of(16) && src.len() == width * hw && dst.len() == width * hw);
-    let whole = hw / 16 * 16;
-    for c in (0..width).step_by(16) {
-        for q in (0..whole).step_by(16) {
-            // SAFETY: rows `c..c + 16` of `src` hold positions `q..q + 16`, and `dst` positions
-            // `q..q + 16` channels `c..c + 16` (`q + 16 <= hw`, `c + 16 <= width`).
+/// `src` `[rows, cols]` as `dst` `[cols, rows]`: 16 x 16 blocks transposed in registers, the
+/// rest value by value.
+fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    assert!(src.len() == rows * cols && dst.len() == rows * cols);
+    let (r16, c16) = (rows / 16 * 16, cols / 16 * 16);
+    for r in (0..r16).step_by(16) {
+        for c in (0..c16).step_by(16) {
+            // SAFETY: rows `r..r + 16` of `src` hold columns `c..c + 16`, and rows `c..c + 16`
+            // of `dst` columns `r..r + 16`.
             unsafe {
-                let rows: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(src.as_ptr().add((c + i) * hw + q)));
-                for (j, v) in transpose16(rows).into_iter().enumerate() {
-                    _mm512_storeu_ps(dst.as_mut_ptr().add((q + j) * width + c), v);
+                let block: [__m512; 16] =
+                    std::array::from_fn(|i| _mm512_loadu_ps(src.as_ptr().add((r + i) * cols + c)));
+                for (j, v) in transpose16(block).into_iter().enumerate() {
+                    _mm512_storeu_ps(dst.as_mut_ptr().add((c + j) * rows + r), v);
                 }
             }
         }
     }
-    for q in whole..hw {
-        for c in 0..width {
-            dst[q * width + c] = src[c * hw + q];
+    for r in 0..rows {
+        for c in (if r < r16 { c16 } else { 0 })..cols {
+            dst[c * rows + r] = src[r * cols + c];
         }
     }
 }
@@ -359,25 +449,26 @@ fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
     }
 }
 
-/// `sum over positions (y, x) of dy[y, x] * xp[y + ki, x + kj]` for the 9 taps `ki * 3 + kj`:
-/// `dy` the positions' `16 V` channels, one after another, `xp` a padded input plane.
+/// `sum over output positions (y, x) of dy[y, x] * xp[s y + ki, s x + kj]` for the 9 taps
+/// `ki * 3 + kj` of `g`'s stride `s`: `dy` the positions' `16 V` channels, one after another,
+/// `xp` a padded input plane, lines `wp` apart.
 ///
 /// # Safety
-/// `xp` must address `(h + 2) (w + 2)` readable values, `dy` `h w 16 V`.
+/// `xp` must address `(g.h + 2) wp` readable values, `dy` `g.h_out g.w_out 16 V`.
 #[inline(always)]
-unsafe fn weight_tile<const V: usize>(xp: *const f32, dy: *const f32, h: usize, w: usize) -> [[__m512; V]; 9] {
-    let wp = w + 2;
-    // SAFETY: the caller guarantees the extents: `y + ki < h + 2`, `x + kj < w + 2`.
+unsafe fn weight_tile<const V: usize>(xp: *const f32, dy: *const f32, g: &Geom, wp: usize) -> [[__m512; V]; 9] {
+    let s = g.stride;
+    // SAFETY: the caller guarantees the extents: `s y + ki < h + 2`, `s x + kj < w + 2`.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); V]; 9];
-        for y in 0..h {
-            let xr = xp.add(y * wp);
-            let dr = dy.add(y * w * 16 * V);
-            for x in 0..w {
+        for y in 0..g.h_out {
+            let xr = xp.add(s * y * wp);
+            let dr = dy.add(y * g.w_out * 16 * V);
+            for x in 0..g.w_out {
                 let d: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(dr.add((x * V + v) * 16)));
                 for ki in 0..3 {
                     for kj in 0..3 {
-                        let b = _mm512_set1_ps(*xr.add(ki * wp + x + kj));
+                        let b = _mm512_set1_ps(*xr.add(ki * wp + s * x + kj));
                         for (a, &d) in acc[ki * 3 + kj].iter_mut().zip(&d) {
                             *a = _mm512_fmadd_ps(b, d, *a);
                         }
@@ -467,6 +558,59 @@ mod tests {
                 let want = input_grad_slices(&dy, [b, ci, h, w], &wt, [co, ci, 3, 3], 1, 1, None).unwrap();
                 let got = run(&g, &dy32, &panels(&g, &w32, true), true);
                 assert!(max_diff(&got, &want) < 1e-5, "input gradient, case {i}");
+            }
+        }
+    }
+
+    /// The stride-2 forward pass and weight gradient against the im2col path in f64: 32 and 64
+    /// channels, even and odd maps, a last tile of positions past the map.
+    #[test]
+    fn strided_kernels_match_the_im2col_path() {
+        for (i, &(b, ci, co, h, w)) in [
+            (2, 3, 32, 28, 28),
+            (3, 5, 64, 14, 14),
+            (2, 4, 32, 9, 7),
+            (2, 1, 64, 5, 12),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let g = Geom::new(&[b, ci, h, w], &[co, ci, 3, 3], 2, 1).unwrap();
+            assert!(strided_applies(&g) && weight_applies(&g), "case {i}");
+            let x = values(b * ci * h * w, i as u64);
+            let wt = values(co * ci * 9, 50 + i as u64);
+            let dy = values(b * co * g.h_out * g.w_out, 100 + i as u64);
+            let f32s = |v: &[f64]| v.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+            let (want, _) = forward_slices(&x, [b, ci, h, w], &wt, [co, ci, 3, 3], 2, 1, None).unwrap();
+            let got = strided_forward(&g, &f32s(&x), &strided_panels(&g, &f32s(&wt)));
+            assert!(max_diff(&got, &want) < 1e-5, "forward, case {i}");
+            let xt = Tensor::from_vec(x.clone(), (b, ci, h, w), &Device::Cpu).unwrap();
+            let wv = Var::from_vec(wt.clone(), (co, ci, 3, 3), &Device::Cpu).unwrap();
+            let probe = Tensor::from_vec(dy.clone(), (b, co, g.h_out, g.w_out), &Device::Cpu).unwrap();
+            let y = conv2d(&xt, wv.as_tensor(), 2, 1).unwrap();
+            let grads = (y * probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let want = grads
+                .get(wv.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let got = weight_grad(&g, &f32s(&dy), &f32s(&x));
+            assert!(max_diff(&got, &want) < 1e-4, "weight gradient, case {i}");
+        }
+    }
+
+    #[test]
+    fn transposes_any_shape() {
+        for (rows, cols) in [(16, 16), (32, 48), (17, 33), (5, 3), (64, 196)] {
+            let src: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
+            let mut dst = vec![0.0; rows * cols];
+            transpose(&src, rows, cols, &mut dst);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(dst[c * rows + r], src[r * cols + c], "{rows} x {cols} at {r}, {c}");
+                }
             }
         }
     }
