@@ -77,6 +77,11 @@ fn alternate(runs: usize, f: impl Fn(usize)) -> f64 {
     median(ratios)
 }
 
+/// A row label made at run time, for the program's lifetime (a handful per run).
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
 struct Row {
     key: &'static str,
     what: &'static str,
@@ -207,32 +212,51 @@ fn main() {
             });
         }
 
-        // One convolution alone, the small CNN's 32 -> 64 channel 3x3 layer on 14x14 maps, batch 128:
-        // 0.925 GFLOP forward; the input gradient and the weight gradient cost the same again each.
+        // Convolutions alone, batch 128: the small CNN's 32 -> 64 channel 3x3 layer on 14x14 maps
+        // (0.925 GFLOP forward; the input gradient and the weight gradient cost the same again
+        // each), its 32 -> 32 layer on 28x28, and the router's stride-2 16 -> 32 layer; beside
+        // them, a large matrix product, the ceiling they are measured against.
         if want("conv_gflops") {
-            let x = candle_core::Tensor::randn(0f32, 1.0, (128, 32, 14, 14), &dev).unwrap();
-            let w = candle_core::Tensor::randn(0f32, 0.1, (64, 32, 3, 3), &dev).unwrap();
-            let flop = 2.0 * 128.0 * 64.0 * 14.0 * 14.0 * 32.0 * 9.0;
-            let fwd = time(2, 9, || {
-                conv::conv2d(&x, &w, 1, 1).unwrap();
-            });
-            let xv = candle_core::Var::from_tensor(&x).unwrap();
-            let wv = candle_core::Var::from_tensor(&w).unwrap();
-            let both = time(2, 9, || {
-                let y = conv::conv2d(xv.as_tensor(), wv.as_tensor(), 1, 1).unwrap();
-                y.sum_all().unwrap().backward().unwrap();
+            for (key, what, c_in, c_out, size, stride) in [
+                ("conv", "conv 32->64 3x3 on 14x14, batch 128", 32, 64, 14, 1),
+                ("conv28", "conv 32->32 3x3 on 28x28, batch 128", 32, 32, 28, 1),
+                ("conv_router", "router conv 16->32 3x3 stride 2, 28x28", 16, 32, 28, 2),
+            ] {
+                let x = candle_core::Tensor::randn(0f32, 1.0, (128, c_in, size, size), &dev).unwrap();
+                let w = candle_core::Tensor::randn(0f32, 0.1, (c_out, c_in, 3, 3), &dev).unwrap();
+                let out = (size - 1) / stride + 1;
+                let flop = 2.0 * (128 * c_out * out * out * c_in * 9) as f64;
+                let fwd = time(2, 9, || {
+                    conv::conv2d(&x, &w, stride, 1).unwrap();
+                });
+                let xv = candle_core::Var::from_tensor(&x).unwrap();
+                let wv = candle_core::Var::from_tensor(&w).unwrap();
+                let both = time(2, 9, || {
+                    let y = conv::conv2d(xv.as_tensor(), wv.as_tensor(), stride, 1).unwrap();
+                    y.sum_all().unwrap().backward().unwrap();
+                });
+                rows.push(Row {
+                    key: leak(format!("{key}_fwd_gflops")),
+                    what: leak(format!("{what}: forward")),
+                    unit: "GFLOP/s",
+                    value: flop / fwd / 1e9,
+                });
+                rows.push(Row {
+                    key: leak(format!("{key}_fwd_bwd_gflops")),
+                    what: "  the same, forward + both gradients",
+                    unit: "GFLOP/s",
+                    value: 3.0 * flop / both / 1e9,
+                });
+            }
+            let a = candle_core::Tensor::randn(0f32, 1.0, (2048, 2048), &dev).unwrap();
+            let s = time(1, 7, || {
+                a.matmul(&a).unwrap();
             });
             rows.push(Row {
-                key: "conv_fwd_gflops",
-                what: "conv 32->64 3x3 on 14x14, batch 128: forward",
+                key: "gemm_gflops",
+                what: "matrix product 2048 x 2048 x 2048 (the ceiling)",
                 unit: "GFLOP/s",
-                value: flop / fwd / 1e9,
-            });
-            rows.push(Row {
-                key: "conv_fwd_bwd_gflops",
-                what: "  the same, forward + both gradients",
-                unit: "GFLOP/s",
-                value: 3.0 * flop / both / 1e9,
+                value: 2.0 * 2048f64.powi(3) / s / 1e9,
             });
         }
 

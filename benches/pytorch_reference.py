@@ -196,17 +196,23 @@ def main():
             loss.backward()
             opt.step()
         out[key] = 128 / timed(1, runs, step)
-    cx = torch.randn(128, 32, 14, 14)
-    cw = 0.1 * torch.randn(64, 32, 3, 3)
-    flop = 2 * 128 * 64 * 14 * 14 * 32 * 9
-    with torch.no_grad():
-        out["conv_fwd_gflops"] = flop / timed(2, 9, lambda: F.conv2d(cx, cw, padding=1)) / 1e9
-    cx.requires_grad_(True)
-    cw.requires_grad_(True)
+    for key, c_in, c_out, size, stride in [("conv", 32, 64, 14, 1), ("conv28", 32, 32, 28, 1),
+                                           ("conv_router", 16, 32, 28, 2)]:
+        cx = torch.randn(128, c_in, size, size)
+        cw = 0.1 * torch.randn(c_out, c_in, 3, 3)
+        o = (size - 1) // stride + 1
+        flop = 2 * 128 * c_out * o * o * c_in * 9
+        with torch.no_grad():
+            out[key + "_fwd_gflops"] = flop / timed(2, 9, lambda: F.conv2d(cx, cw, stride=stride, padding=1)) / 1e9
+        cx.requires_grad_(True)
+        cw.requires_grad_(True)
 
-    def conv_both():
-        F.conv2d(cx, cw, padding=1).sum().backward()
-    out["conv_fwd_bwd_gflops"] = 3 * flop / timed(2, 9, conv_both) / 1e9
+        def conv_both():
+            F.conv2d(cx, cw, stride=stride, padding=1).sum().backward()
+        out[key + "_fwd_bwd_gflops"] = 3 * flop / timed(2, 9, conv_both) / 1e9
+    a = torch.randn(2048, 2048)
+    with torch.no_grad():
+        out["gemm_gflops"] = 2 * 2048 ** 3 / timed(1, 7, lambda: a @ a) / 1e9
     xr = F.pad(x[:32], (2, 2, 2, 2)).repeat(1, 3, 1, 1)
     yr = y[:32]
     m = ResNet18().eval()
