@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::lanes::F8;
+use super::lanes::{F8, relu_grad_sums};
 
 /// A contiguous f32 CPU view of a tensor for the duration of `f`.
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
@@ -103,22 +103,7 @@ impl CustomOp3 for AffineRelu {
                         // training step.)
                         let sums = |p: usize| -> (f32, f32) {
                             let r = p * hw..(p + 1) * hw;
-                            let ((dy8, dy_rest), (y8, y_rest)) =
-                                (dy[r.clone()].as_chunks::<8>(), y[r.clone()].as_chunks::<8>());
-                            let (x8, x_rest) = xv[r].as_chunks::<8>();
-                            let (mut sg, mut sgx) = (F8::splat(0.0), F8::splat(0.0));
-                            for ((dy, y), x) in dy8.iter().zip(y8).zip(x8) {
-                                let g = F8::load(dy).where_positive(F8::load(y));
-                                sg = sg.add(g);
-                                sgx = g.mul_add(F8::load(x), sgx);
-                            }
-                            let (mut sg, mut sgx) = (sg.sum(), sgx.sum());
-                            for ((&dy, &y), &x) in dy_rest.iter().zip(y_rest).zip(x_rest) {
-                                let g = if y > 0.0 { dy } else { 0.0 };
-                                sg += g;
-                                sgx += g * x;
-                            }
-                            (sg, sgx)
+                            relu_grad_sums(&dy[r.clone()], &y[r.clone()], &xv[r], 0.0, &mut [])
                         };
                         if want.0 {
                             let dx = planes(b * c, hw, |p| {

@@ -144,9 +144,39 @@ mod imp {
 
 pub(crate) use imp::F8;
 
+/// A ReLU's backward over one plane, with the sums that a per-plane affine map before the ReLU
+/// needs for its own gradient: `g = dy where y > 0`, returned as `(sum g, sum g x)`, and written
+/// out as `dx = g a` unless `dx` is empty.
+pub(crate) fn relu_grad_sums(dy: &[f32], y: &[f32], x: &[f32], a: f32, dx: &mut [f32]) -> (f32, f32) {
+    let write = !dx.is_empty();
+    assert!(y.len() == dy.len() && x.len() == dy.len() && (!write || dx.len() == dy.len()));
+    let (mut sg, mut sgx) = (F8::splat(0.0), F8::splat(0.0));
+    let av = F8::splat(a);
+    let ((dx8, dx_rest), (dy8, dy_rest)) = (dx.as_chunks_mut::<8>(), dy.as_chunks::<8>());
+    let ((y8, y_rest), (x8, x_rest)) = (y.as_chunks::<8>(), x.as_chunks::<8>());
+    for (i, ((dy, y), x)) in dy8.iter().zip(y8).zip(x8).enumerate() {
+        let g = F8::load(dy).where_positive(F8::load(y));
+        if write {
+            dx8[i] = g.mul(av).to_array();
+        }
+        sg = sg.add(g);
+        sgx = g.mul_add(F8::load(x), sgx);
+    }
+    let (mut sg, mut sgx) = (sg.sum(), sgx.sum());
+    for (i, ((&dy, &y), &x)) in dy_rest.iter().zip(y_rest).zip(x_rest).enumerate() {
+        let g = if y > 0.0 { dy } else { 0.0 };
+        if write {
+            dx_rest[i] = g * a;
+        }
+        sg += g;
+        sgx += g * x;
+    }
+    (sg, sgx)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::F8;
+    use super::{F8, relu_grad_sums};
     use std::mem::MaybeUninit;
 
     #[test]
@@ -168,5 +198,27 @@ mod tests {
         }
         assert_eq!(fa.to_array(), a);
         assert_eq!(fa.sum(), a.iter().sum::<f32>());
+    }
+
+    #[test]
+    fn relu_gradient_sums_match_the_plain_loop() {
+        let n = 21;
+        let dy: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        let y: Vec<f32> = (0..n).map(|i| (i as f32 * 1.3).cos()).collect();
+        let x: Vec<f32> = (0..n).map(|i| 0.1 * i as f32 - 1.0).collect();
+        let g: Vec<f32> = dy
+            .iter()
+            .zip(&y)
+            .map(|(&d, &y)| if y > 0.0 { d } else { 0.0 })
+            .collect();
+        let (sg, sgx) = (g.iter().sum::<f32>(), g.iter().zip(&x).map(|(g, x)| g * x).sum::<f32>());
+        let mut dx = vec![0.0; n];
+        for (got_g, got_gx) in [
+            relu_grad_sums(&dy, &y, &x, 2.0, &mut dx),
+            relu_grad_sums(&dy, &y, &x, 2.0, &mut []),
+        ] {
+            assert!((got_g - sg).abs() < 1e-5 && (got_gx - sgx).abs() < 1e-5);
+        }
+        assert!(dx.iter().zip(&g).all(|(d, g)| *d == 2.0 * g));
     }
 }

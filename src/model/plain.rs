@@ -24,7 +24,7 @@ use candle_core::{DType, Result, Tensor, bail};
 use rayon::prelude::*;
 
 use super::conv::{Kept, Mat, PAR_MIN, each_plane, forward_slices, input_grad_slices, matmul, zeros};
-use super::lanes::F8;
+use super::lanes::relu_grad_sums;
 use super::layers::{Conv2d, Linear};
 use super::norm::Norm;
 use super::router::Router;
@@ -572,29 +572,6 @@ impl PlainSmallCnn {
         debug_assert_eq!(dx.len(), tape.x_dims.iter().product::<usize>());
         Ok((out, dx))
     }
-}
-
-/// `dz = (y > 0) dy * a` over one plane, returning the sums of `(y > 0) dy` and of
-/// `(y > 0) dy * z` (the gradients of the plane's shift and scale).
-fn relu_grad_sums(dy: &[f32], y: &[f32], z: &[f32], a: f32, dz: &mut [f32]) -> (f32, f32) {
-    let (mut sg, mut sgz) = (F8::splat(0.0), F8::splat(0.0));
-    let av = F8::splat(a);
-    let ((dz8, dz_rest), (dy8, dy_rest)) = (dz.as_chunks_mut::<8>(), dy.as_chunks::<8>());
-    let ((y8, y_rest), (z8, z_rest)) = (y.as_chunks::<8>(), z.as_chunks::<8>());
-    for (((dz, dy), y), z) in dz8.iter_mut().zip(dy8).zip(y8).zip(z8) {
-        let g = F8::load(dy).where_positive(F8::load(y));
-        *dz = g.mul(av).to_array();
-        sg = sg.add(g);
-        sgz = g.mul_add(F8::load(z), sgz);
-    }
-    let (mut sg, mut sgz) = (sg.sum(), sgz.sum());
-    for (((dz, dy), y), z) in dz_rest.iter_mut().zip(dy_rest).zip(y_rest).zip(z_rest) {
-        let g = if *y > 0.0 { *dy } else { 0.0 };
-        *dz = g * a;
-        sg += g;
-        sgz += g * z;
-    }
-    (sg, sgz)
 }
 
 /// The backbone's current activations: the last stage's pooled output, else its ReLU output as
