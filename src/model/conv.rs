@@ -1695,20 +1695,11 @@ pub(super) mod tests {
     #[test]
     fn kept_filters_follow_the_kernel() {
         let (wd, xd) = ([64, 64, 3, 3], [1, 64, 32, 32]);
-        let w: Vec<f32> = rand(&wd, 1)
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let x: Vec<f32> = rand(&[2, 64, 32, 32], 2)
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let values = |shape: &[usize], seed| -> Vec<f32> {
+            let t = rand(shape, seed).to_dtype(DType::F32).unwrap();
+            t.flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let (w, x) = (values(&wd, 1), values(&[2, 64, 32, 32], 2));
         let kept = Kept::default();
         forward_slices(&x, [2, 64, 32, 32], &w, wd, 1, 1, Some(&kept)).unwrap();
         input_grad_slices(&x, [2, 64, 32, 32], &w, wd, 1, 1, Some(&kept)).unwrap();

@@ -496,6 +496,28 @@ mod tests {
             .collect()
     }
 
+    fn f32s(v: &[f64]) -> Vec<f32> {
+        v.iter().map(|&v| v as f32).collect()
+    }
+
+    /// The weight gradient of `sum(conv(x, w) * dy)` through candle's autograd over the f64
+    /// im2col path.
+    fn autograd_weight_grad(g: &Geom, x: &[f64], w: &[f64], dy: &[f64]) -> Vec<f64> {
+        let cpu = &Device::Cpu;
+        let xt = Tensor::from_vec(x.to_vec(), (g.b, g.c_in, g.h, g.w), cpu).unwrap();
+        let wv = Var::from_vec(w.to_vec(), (g.c_out, g.c_in, 3, 3), cpu).unwrap();
+        let probe = Tensor::from_vec(dy.to_vec(), (g.b, g.c_out, g.h_out, g.w_out), cpu).unwrap();
+        let y = conv2d(&xt, wv.as_tensor(), g.stride, 1).unwrap();
+        let grads = (y * probe).unwrap().sum_all().unwrap().backward().unwrap();
+        grads
+            .get(wv.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
     fn max_diff(a: &[f32], b: &[f64]) -> f64 {
         assert_eq!(a.len(), b.len());
         a.iter()
@@ -528,7 +550,6 @@ mod tests {
             let x = values(b * ci * h * w, i as u64);
             let wt = values(co * ci * 9, 50 + i as u64);
             let dy = values(b * co * h * w, 100 + i as u64);
-            let f32s = |v: &[f64]| v.iter().map(|&v| v as f32).collect::<Vec<f32>>();
             let (x32, w32, dy32) = (f32s(&x), f32s(&wt), f32s(&dy));
             // Tolerance: f32 rounding of sums of up to 144 products of values under 0.5.
             assert!(applies(&g, co), "case {i}");
@@ -536,18 +557,7 @@ mod tests {
             let got = run(&g, &x32, &panels(&g, &w32, false), false);
             assert!(max_diff(&got, &want) < 1e-5, "forward, case {i}");
             if weight_applies(&g) {
-                let xt = Tensor::from_vec(x.clone(), (b, ci, h, w), &Device::Cpu).unwrap();
-                let wv = Var::from_vec(wt.clone(), (co, ci, 3, 3), &Device::Cpu).unwrap();
-                let probe = Tensor::from_vec(dy.clone(), (b, co, h, w), &Device::Cpu).unwrap();
-                let y = conv2d(&xt, wv.as_tensor(), 1, 1).unwrap();
-                let grads = (y * probe).unwrap().sum_all().unwrap().backward().unwrap();
-                let want = grads
-                    .get(wv.as_tensor())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f64>()
-                    .unwrap();
+                let want = autograd_weight_grad(&g, &x, &wt, &dy);
                 // Sums over up to 5 x 14 x 14 positions.
                 assert!(
                     max_diff(&weight_grad(&g, &dy32, &x32), &want) < 1e-4,
@@ -580,22 +590,10 @@ mod tests {
             let x = values(b * ci * h * w, i as u64);
             let wt = values(co * ci * 9, 50 + i as u64);
             let dy = values(b * co * g.h_out * g.w_out, 100 + i as u64);
-            let f32s = |v: &[f64]| v.iter().map(|&v| v as f32).collect::<Vec<f32>>();
             let (want, _) = forward_slices(&x, [b, ci, h, w], &wt, [co, ci, 3, 3], 2, 1, None).unwrap();
             let got = strided_forward(&g, &f32s(&x), &strided_panels(&g, &f32s(&wt)));
             assert!(max_diff(&got, &want) < 1e-5, "forward, case {i}");
-            let xt = Tensor::from_vec(x.clone(), (b, ci, h, w), &Device::Cpu).unwrap();
-            let wv = Var::from_vec(wt.clone(), (co, ci, 3, 3), &Device::Cpu).unwrap();
-            let probe = Tensor::from_vec(dy.clone(), (b, co, g.h_out, g.w_out), &Device::Cpu).unwrap();
-            let y = conv2d(&xt, wv.as_tensor(), 2, 1).unwrap();
-            let grads = (y * probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let want = grads
-                .get(wv.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
+            let want = autograd_weight_grad(&g, &x, &wt, &dy);
             let got = weight_grad(&g, &f32s(&dy), &f32s(&x));
             assert!(max_diff(&got, &want) < 1e-4, "weight gradient, case {i}");
         }
