@@ -536,7 +536,7 @@ fn group(g: &Geom) -> usize {
 
 /// Samples per rayon task: enough tasks to balance, few enough to reuse the im2col buffer, and a
 /// whole number of `group`s.
-fn chunk(b: usize, group: usize) -> usize {
+pub(super) fn chunk(b: usize, group: usize) -> usize {
     b.div_ceil(4 * rayon::current_num_threads())
         .max(1)
         .next_multiple_of(group)
@@ -998,7 +998,7 @@ pub(super) fn partial_sums<T: Send>(tasks: usize, add: impl Fn(Vec<T>, usize) ->
 /// writes stay in cache. An element-by-element transpose of the last stage's `[4608, 512]` weight
 /// gradient on one thread, one cache miss per write, took a quarter of that layer's
 /// weight-gradient time.
-fn sum_transposed<T: WithDType>(parts: Vec<Vec<T>>, rows: usize, cols: usize) -> Vec<T> {
+pub(super) fn sum_transposed<T: WithDType>(parts: Vec<Vec<T>>, rows: usize, cols: usize) -> Vec<T> {
     const TILE: usize = 16;
     let n = rows * cols;
     let sum = sum_parts(parts);

@@ -16,7 +16,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::conv::{Geom, partial_sums, sum_parts, with_cols, zeroed_chunks};
+use super::conv::{Geom, chunk, partial_sums, sum_transposed, with_cols, zeroed_chunks};
 use super::pair;
 
 /// Output channels per tile: the broadcast weights of one filter tap.
@@ -61,7 +61,7 @@ fn conv(g: &Geom, x: &[f32], inputs: usize, outputs: usize, panels: &[f32]) -> V
             });
         });
     } else {
-        let per_task = g.b.div_ceil(4 * rayon::current_num_threads()).max(1);
+        let per_task = chunk(g.b, 1);
         super::conv::each_chunk(slots, per_task * y_image, |t, out| {
             with_cols(padded_len, |xp: &mut [f32]| {
                 for (i, out) in out.chunks_exact_mut(y_image).enumerate() {
@@ -229,7 +229,7 @@ pub(super) fn strided_forward(g: &Geom, x: &[f32], panels: &[f32]) -> Vec<f32> {
     let wp = w + 2;
     let padded_len = g.c_in * (h + 2) * wp + 3 * wp + 32;
     let (x_image, y_image) = (g.c_in * h * w, g.c_out * hw);
-    let per_task = g.b.div_ceil(4 * rayon::current_num_threads()).max(1);
+    let per_task = chunk(g.b, 1);
     zeroed_chunks(g.b * y_image, per_task * y_image, |t, out| {
         with_cols(padded_len + y_image, |buf: &mut [f32]| {
             let (xp, yt) = buf.split_at_mut(padded_len);
@@ -317,7 +317,7 @@ pub(super) fn weight_grad(g: &Geom, dy: &[f32], x: &[f32]) -> Vec<f32> {
     let padded_len = g.c_in * plane + 3 * wp + 32;
     let (x_image, y_image) = (g.c_in * h * w, g.c_out * hw);
     let taps = g.c_out * g.c_in * 9;
-    let per_task = g.b.div_ceil(4 * rayon::current_num_threads()).max(1);
+    let per_task = chunk(g.b, 1);
     // Channel blocks: 32 wide, and a last one of 16 where `c_out` is an odd multiple of 16.
     let blocks: Vec<(usize, usize)> = (0..g.c_out)
         .step_by(32)
@@ -372,15 +372,8 @@ pub(super) fn weight_grad(g: &Geom, dy: &[f32], x: &[f32]) -> Vec<f32> {
         });
         part
     };
-    let part = sum_parts(partial_sums(g.b.div_ceil(per_task), add));
-    // `part` is `[c_in, 9, c_out]`; `dw` wants `[c_out, c_in, 9]`.
-    let mut dw = vec![0.0; taps];
-    for (ci_tap, row) in part.chunks_exact(g.c_out).enumerate() {
-        for (co, &v) in row.iter().enumerate() {
-            dw[co * g.c_in * 9 + ci_tap] = v;
-        }
-    }
-    dw
+    // Each part is `[c_in, 9, c_out]`; `dw` wants `[c_out, c_in, 9]`.
+    sum_transposed(partial_sums(g.b.div_ceil(per_task), add), g.c_in * 9, g.c_out)
 }
 
 /// `src` `[rows, cols]` as `dst` `[cols, rows]`: 16 x 16 blocks transposed in registers, the
