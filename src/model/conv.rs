@@ -778,22 +778,25 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T], kept: Option<&Kept<T>>) -> 
 
 /// The forward pass (or with `grad`, the input gradient from `dy` as `a`) by `direct`'s kernels,
 /// where one applies: `f32`, on a build with AVX-512. `kept` keeps the filters' panels (one
-/// layer's: its stride, so which of `run` or `strided_forward` takes it, never changes).
+/// layer's: its stride, so which kernel's panels it holds, never changes; the strided kernels
+/// decline one image before the panels are made).
 #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
 fn direct<T: WithDType>(g: &Geom, grad: bool, a: &[T], w: &[T], kept: Option<&OnceLock<Vec<T>>>) -> Option<Vec<T>> {
     if TypeId::of::<T>() != TypeId::of::<f32>() {
         return None;
     }
-    let strided = !grad && direct::strided_applies(g);
+    let strided = if grad {
+        direct::strided_grad_applies(g)
+    } else {
+        direct::strided_applies(g)
+    };
     if !strided && !direct::applies(g, if grad { g.c_in } else { g.c_out }) {
         return None;
     }
-    let make = || {
-        if strided {
-            direct::strided_panels(g, as_f32(w))
-        } else {
-            direct::panels(g, as_f32(w), grad)
-        }
+    let make = || match (strided, grad) {
+        (true, false) => direct::strided_panels(g, as_f32(w)),
+        (true, true) => direct::strided_grad_panels(g, as_f32(w)),
+        (false, _) => direct::panels(g, as_f32(w), grad),
     };
     let made;
     let panels = match kept {
@@ -803,10 +806,10 @@ fn direct<T: WithDType>(g: &Geom, grad: bool, a: &[T], w: &[T], kept: Option<&On
             &made
         }
     };
-    Some(from_f32(if strided {
-        direct::strided_forward(g, as_f32(a), panels)
-    } else {
-        direct::run(g, as_f32(a), panels, grad)
+    Some(from_f32(match (strided, grad) {
+        (true, false) => direct::strided_forward(g, as_f32(a), panels),
+        (true, true) => direct::strided_input_grad(g, as_f32(a), panels),
+        (false, _) => direct::run(g, as_f32(a), panels, grad),
     }))
 }
 
@@ -999,11 +1002,20 @@ pub(super) fn partial_sums<T: Send>(tasks: usize, add: impl Fn(Vec<T>, usize) ->
 /// gradient on one thread, one cache miss per write, took a quarter of that layer's
 /// weight-gradient time.
 pub(super) fn sum_transposed<T: WithDType>(parts: Vec<Vec<T>>, rows: usize, cols: usize) -> Vec<T> {
+    let sum = sum_parts(parts);
+    if sum.is_empty() {
+        return vec![T::zero(); rows * cols];
+    }
+    transposed(&sum, rows, cols)
+}
+
+/// `m`, a row-major `[rows, cols]` matrix, transposed to `[cols, rows]` (see [`sum_transposed`]).
+pub(super) fn transposed<T: WithDType>(m: &[T], rows: usize, cols: usize) -> Vec<T> {
     const TILE: usize = 16;
     let n = rows * cols;
-    let sum = sum_parts(parts);
+    assert_eq!(m.len(), n);
     let mut out = vec![T::zero(); n];
-    if n == 0 || sum.is_empty() {
+    if n == 0 {
         return out;
     }
     for_chunks(&mut out, TILE * rows, |t, block| {
@@ -1012,7 +1024,7 @@ pub(super) fn sum_transposed<T: WithDType>(parts: Vec<Vec<T>>, rows: usize, cols
             let i1 = (i0 + TILE).min(rows);
             for (oo, line) in block.chunks_exact_mut(rows).enumerate() {
                 for (d, i) in line[i0..i1].iter_mut().zip(i0..i1) {
-                    *d = sum[i * cols + o0 + oo];
+                    *d = m[i * cols + o0 + oo];
                 }
             }
         }
@@ -1254,15 +1266,40 @@ impl ConvBiasRelu {
                 g.c_out
             )
         }
-        let mut y = forward(&g, x, w, None);
-        each_plane(&mut y, g.hw_out(), |p, plane| {
-            let b = bias[p % g.c_out];
-            plane
-                .iter_mut()
-                .for_each(|v| *v = if *v + b > T::zero() { *v + b } else { T::zero() });
+        let y = direct_bias_relu(&g, x, w, bias).unwrap_or_else(|| {
+            let mut y = forward(&g, x, w, None);
+            each_plane(&mut y, g.hw_out(), |p, plane| {
+                let b = bias[p % g.c_out];
+                plane
+                    .iter_mut()
+                    .for_each(|v| *v = if *v + b > T::zero() { *v + b } else { T::zero() });
+            });
+            y
         });
         Ok((y, Shape::from((g.b, g.c_out, g.h_out, g.w_out))))
     }
+}
+
+/// `relu(conv(x, w) + bias)` by `direct`'s forward kernels, the bias and ReLU applied before
+/// their stores, where they take the convolution (as in [`forward`]: Winograd's first).
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+fn direct_bias_relu<T: WithDType>(g: &Geom, x: &[T], w: &[T], bias: &[T]) -> Option<Vec<T>> {
+    if TypeId::of::<T>() != TypeId::of::<f32>() || winograd::applies(g) {
+        return None;
+    }
+    let panels = if direct::strided_applies(g) {
+        direct::strided_panels(g, as_f32(w))
+    } else if direct::applies(g, g.c_out) {
+        direct::panels(g, as_f32(w), false)
+    } else {
+        return None;
+    };
+    Some(from_f32(direct::bias_relu(g, as_f32(x), &panels, as_f32(bias))))
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+fn direct_bias_relu<T: WithDType>(_: &Geom, _: &[T], _: &[T], _: &[T]) -> Option<Vec<T>> {
+    None
 }
 
 /// `f(p, plane)` for every `hw`-value plane of `v`, on rayon's pool for a large `v`.
@@ -1354,6 +1391,53 @@ pub(super) fn with_values<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R
     f(slice(cpu, layout)?)
 }
 
+type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+impl ConvBiasRelu {
+    /// The backward pass in one op of `direct`'s, where it applies (`f32` on an AVX-512 build, a
+    /// trained weight, shapes its kernels take); `None` otherwise.
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    fn direct_bwd(&self, x: &Tensor, w: &Tensor, bias: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Grads3>> {
+        if dy.dtype() != DType::F32 || !w.track_op() {
+            return Ok(None);
+        }
+        let g = Geom::new(x.dims(), w.dims(), self.stride, self.pad)?;
+        let input_grad = x.track_op();
+        if !direct::bias_relu_applies(&g, input_grad) {
+            return Ok(None);
+        }
+        let (dw, db, dx) = with_values::<f32, _>(dy, |dy| {
+            with_values(y, |y| {
+                with_values(x, |xs| {
+                    with_values(w, |ws| {
+                        let panels = input_grad.then(|| {
+                            if g.stride == 2 {
+                                direct::strided_grad_panels(&g, ws)
+                            } else {
+                                direct::panels(&g, ws, true)
+                            }
+                        });
+                        Ok(direct::bias_relu_backward(&g, dy, y, xs, panels.as_deref()))
+                    })
+                })
+            })
+        })?;
+        let dev = y.device();
+        Ok(Some((
+            dx.map(|dx| Tensor::from_vec(dx, x.dims(), dev)).transpose()?,
+            Some(Tensor::from_vec(dw, w.dims(), dev)?),
+            bias.track_op()
+                .then(|| Tensor::from_vec(db, bias.dims(), dev))
+                .transpose()?,
+        )))
+    }
+
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+    fn direct_bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Option<Grads3>> {
+        Ok(None)
+    }
+}
+
 impl CustomOp3 for ConvBiasRelu {
     fn name(&self) -> &'static str {
         "awnet-conv2d-bias-relu"
@@ -1389,6 +1473,9 @@ impl CustomOp3 for ConvBiasRelu {
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if let Some(grads) = self.direct_bwd(x, w, bias, y, dy)? {
+            return Ok(grads);
+        }
         let (c, hw) = (y.dim(1)?, y.dim(2)? * y.dim(3)?);
         let (g, sums) = match dy.dtype() {
             DType::F32 => {

@@ -16,7 +16,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::conv::{Geom, chunk, partial_sums, sum_transposed, with_cols, zeroed_chunks};
+use super::conv::{Geom, chunk, partial_sums, sum_parts, sum_transposed, transposed, with_cols, zeroed_chunks};
 use super::pair;
 
 /// Output channels per tile: the broadcast weights of one filter tap.
@@ -38,7 +38,7 @@ pub(super) fn applies(g: &Geom, outputs: usize) -> bool {
 
 /// `y[b, o, h, w] = sum_{i, ki, kj} f(o, i, ki * 3 + kj) x[b, i, h + ki - 1, w + kj - 1]` for
 /// `x` `[b, inputs, h, w]`, with the filters `f` given as their 8-channel panels.
-fn conv(g: &Geom, x: &[f32], inputs: usize, outputs: usize, panels: &[f32]) -> Vec<f32> {
+fn conv(g: &Geom, x: &[f32], inputs: usize, outputs: usize, panels: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let (h, w) = (g.h, g.w);
     let wp = w + 2;
     let plane = (h + 2) * wp;
@@ -57,7 +57,7 @@ fn conv(g: &Geom, x: &[f32], inputs: usize, outputs: usize, panels: &[f32]) -> V
                 let range = if t == 0 { 0..blocks / 2 } else { blocks / 2..blocks };
                 // SAFETY: `out` holds the image's `outputs` channels; the two halves write
                 // disjoint ones.
-                unsafe { image(xp, inputs, h, w, panels, range, out as *mut f32) };
+                unsafe { image(xp, inputs, h, w, panels, bias, range, out as *mut f32) };
             });
         });
     } else {
@@ -68,7 +68,7 @@ fn conv(g: &Geom, x: &[f32], inputs: usize, outputs: usize, panels: &[f32]) -> V
                     let n = t * per_task + i;
                     pad(&x[n * x_image..][..x_image], xp);
                     // SAFETY: `out` holds the image's `outputs` channels.
-                    unsafe { image(xp, inputs, h, w, panels, 0..blocks, out.as_mut_ptr().cast()) };
+                    unsafe { image(xp, inputs, h, w, panels, bias, 0..blocks, out.as_mut_ptr().cast()) };
                 }
             })
         });
@@ -91,18 +91,30 @@ fn pad(x: &[f32], h: usize, w: usize, xp: &mut [f32]) {
 }
 
 /// One image's output channel blocks `blocks` from its padded input `xp`, written to `out`, in
-/// tiles of [`N`] vectors: two rows of up to 16 values, or one row of up to 32.
+/// tiles of [`N`] vectors: two rows of up to 16 values, or one row of up to 32; with `bias`,
+/// `relu(conv + bias)`.
 ///
 /// # Safety
 /// `out` must address the image's `[outputs, h, w]` values, writable, and nothing else may
 /// touch the channels of `blocks` meanwhile.
-unsafe fn image(xp: &[f32], inputs: usize, h: usize, w: usize, panels: &[f32], blocks: Range<usize>, out: *mut f32) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn image(
+    xp: &[f32],
+    inputs: usize,
+    h: usize,
+    w: usize,
+    panels: &[f32],
+    bias: Option<&[f32]>,
+    blocks: Range<usize>,
+    out: *mut f32,
+) {
     let wp = w + 2;
     let per_row = w.div_ceil(16);
     let rows = N / per_row;
     let offsets: [usize; N] = std::array::from_fn(|j| (j / per_row) * wp + 16 * (j % per_row));
     let panel = inputs * 9 * MR;
     assert!(xp.len() >= inputs * (h + 2) * wp + 3 * wp + 32 && panels.len() >= blocks.end * panel);
+    assert!(bias.is_none_or(|b| b.len() >= blocks.end * MR));
     for blk in blocks {
         let wk = &panels[blk * panel..][..panel];
         for oy in (0..h).step_by(rows) {
@@ -121,6 +133,11 @@ unsafe fn image(xp: &[f32], inputs: usize, h: usize, w: usize, panels: &[f32], b
             };
             for (m, acc) in acc.iter().enumerate() {
                 let channel = (blk * MR + m) * h * w;
+                // SAFETY: register operations only.
+                let acc = bias.map_or(*acc, |b| unsafe {
+                    let b = _mm512_set1_ps(b[blk * MR + m]);
+                    acc.map(|a| _mm512_max_ps(_mm512_add_ps(a, b), _mm512_setzero_ps()))
+                });
                 for (j, acc) in acc.iter().enumerate() {
                     let (r, c0) = (oy + j / per_row, 16 * (j % per_row));
                     if r >= h {
@@ -201,7 +218,20 @@ pub(super) fn panels(g: &Geom, w: &[f32], grad: bool) -> Vec<f32> {
 /// `[b, c_in, h, w]` from `dy` `[b, c_out, h, w]`, given the [`panels`] made with the same `grad`.
 pub(super) fn run(g: &Geom, a: &[f32], panels: &[f32], grad: bool) -> Vec<f32> {
     let (outputs, inputs) = if grad { (g.c_in, g.c_out) } else { (g.c_out, g.c_in) };
-    conv(g, a, inputs, outputs, panels)
+    conv(g, a, inputs, outputs, panels, None)
+}
+
+/// `relu(conv(x, w) + bias)` for a convolution that [`applies`] (forward) or
+/// [`strided_applies`], with the [`panels`] or [`strided_panels`] of `w`: the bias and the ReLU
+/// applied to the accumulators before they are stored, not in a pass of their own over the
+/// output.
+pub(super) fn bias_relu(g: &Geom, x: &[f32], panels: &[f32], bias: &[f32]) -> Vec<f32> {
+    assert_eq!(bias.len(), g.c_out);
+    if strided_applies(g) {
+        strided(g, x, panels, Some(bias))
+    } else {
+        conv(g, x, g.c_in, g.c_out, panels, Some(bias))
+    }
 }
 
 /// Whether [`strided_forward`] handles a convolution: 3x3, stride 2, padding 1, a batch, and 32 or
@@ -225,6 +255,11 @@ pub(super) fn strided_panels(g: &Geom, w: &[f32]) -> Vec<f32> {
 /// tap, the broadcast input value under each position times the tap's weights, into a
 /// channels-last image that is transposed once at the end.
 pub(super) fn strided_forward(g: &Geom, x: &[f32], panels: &[f32]) -> Vec<f32> {
+    strided(g, x, panels, None)
+}
+
+/// [`strided_forward`], and with `bias`, `relu(conv + bias)`.
+fn strided(g: &Geom, x: &[f32], panels: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let (h, w, hw) = (g.h, g.w, g.h_out * g.w_out);
     let wp = w + 2;
     let padded_len = g.c_in * (h + 2) * wp + 3 * wp + 32;
@@ -237,9 +272,9 @@ pub(super) fn strided_forward(g: &Geom, x: &[f32], panels: &[f32]) -> Vec<f32> {
                 let n = t * per_task + i;
                 pad(&x[n * x_image..][..x_image], h, w, xp);
                 if g.c_out == 32 {
-                    strided_image::<2, 7>(g, xp, panels, yt);
+                    strided_image::<2, 7>(g, xp, panels, bias, yt);
                 } else {
-                    strided_image::<4, 4>(g, xp, panels, yt);
+                    strided_image::<4, 4>(g, xp, panels, bias, yt);
                 }
                 transpose(yt, hw, g.c_out, out);
             }
@@ -250,12 +285,21 @@ pub(super) fn strided_forward(g: &Geom, x: &[f32], panels: &[f32]) -> Vec<f32> {
 /// One image's outputs, channels-last (`yt` `[h_out w_out, 16 V]`), in tiles of `P` positions
 /// of one output line: the tile's input values are then `2 p` apart, offsets that the unrolled
 /// loop folds into its loads (a table of positions across lines cost registers, and the
-/// accumulators spilled).
-fn strided_image<const V: usize, const P: usize>(g: &Geom, xp: &[f32], panels: &[f32], yt: &mut [f32]) {
+/// accumulators spilled). With `bias`, `relu(conv + bias)`.
+fn strided_image<const V: usize, const P: usize>(
+    g: &Geom,
+    xp: &[f32],
+    panels: &[f32],
+    bias: Option<&[f32]>,
+    yt: &mut [f32],
+) {
     let (wp, co) = (g.w + 2, 16 * V);
     let plane = (g.h + 2) * wp;
     assert!(g.c_out == co && xp.len() >= g.c_in * plane + 3 * wp + 32 && panels.len() == g.c_in * 9 * co);
-    assert!(yt.len() >= g.h_out * g.w_out * co);
+    assert!(yt.len() >= g.h_out * g.w_out * co && bias.is_none_or(|b| b.len() == co));
+    // SAFETY: `b` holds `16 V` values.
+    let bias: Option<[__m512; V]> =
+        bias.map(|b| std::array::from_fn(|v| unsafe { _mm512_loadu_ps(b.as_ptr().add(16 * v)) }));
     for oy in 0..g.h_out {
         for ox0 in (0..g.w_out).step_by(P) {
             // SAFETY: every read, `2 oy wp + 2 (ox0 + p) + ki wp + kj` of channel `ci`'s plane
@@ -283,10 +327,125 @@ fn strided_image<const V: usize, const P: usize>(g: &Geom, xp: &[f32], panels: &
             for (p, acc) in acc.iter().enumerate().take(g.w_out - ox0) {
                 let q = oy * g.w_out + ox0 + p;
                 for (v, &a) in acc.iter().enumerate() {
+                    // SAFETY: register operations only.
+                    let a = bias.map_or(a, |b| unsafe {
+                        _mm512_max_ps(_mm512_add_ps(a, b[v]), _mm512_setzero_ps())
+                    });
                     let dst = &mut yt[q * co + 16 * v..][..16];
                     // SAFETY: `dst` holds 16 values.
                     unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), a) };
                 }
+            }
+        }
+    }
+}
+
+/// Whether [`strided_input_grad`] handles a convolution's input gradient: 3x3, stride 2,
+/// padding 1, a batch, and 16 or 32 input channels (its vectors run along them: the router's
+/// downsampling layers).
+pub(super) fn strided_grad_applies(g: &Geom) -> bool {
+    g.k == 3 && g.stride == 2 && g.pad == 1 && g.b > 1 && (g.c_in == 16 || g.c_in == 32)
+}
+
+/// The filters `w` `[c_out, c_in, 3, 3]` as `[c_out, 9, c_in]`, for [`strided_input_grad`].
+pub(super) fn strided_grad_panels(g: &Geom, w: &[f32]) -> Vec<f32> {
+    let mut p = vec![0.0; w.len()];
+    for (src, dst) in w.chunks_exact(g.c_in * 9).zip(p.chunks_exact_mut(g.c_in * 9)) {
+        transpose(src, g.c_in, 9, dst);
+    }
+    p
+}
+
+/// The input gradient `[b, c_in, h, w]` from `dy` `[b, c_out, h_out, w_out]` for a convolution
+/// [`strided_grad_applies`] takes, with `panels` from [`strided_grad_panels`]: per image, the
+/// padded `dy`, a channels-last gradient in tiles of positions by all the input channels (14 x 1
+/// or 8 x 2 vectors), transposed once at the end. im2col's way (a gemm into a column matrix,
+/// then col2im's scatter-add into a zeroed `dx`) took a third of the router's stride-2 layer's
+/// forward + backward.
+pub(super) fn strided_input_grad(g: &Geom, dy: &[f32], panels: &[f32]) -> Vec<f32> {
+    let (ho, wo, hw) = (g.h_out, g.w_out, g.h * g.w);
+    // Tiles read up to 8 values past a line's end, so past the last plane too.
+    let padded_len = g.c_out * (ho + 2) * (wo + 2) + 16;
+    let (x_image, y_image) = (g.c_in * hw, g.c_out * ho * wo);
+    let per_task = chunk(g.b, 1);
+    zeroed_chunks(g.b * x_image, per_task * x_image, |t, out| {
+        with_cols(padded_len + x_image, |buf: &mut [f32]| {
+            let (dp, dxt) = buf.split_at_mut(padded_len);
+            for (i, out) in out.chunks_exact_mut(x_image).enumerate() {
+                let n = t * per_task + i;
+                pad(&dy[n * y_image..][..y_image], ho, wo, dp);
+                for c0 in (0..g.c_in).step_by(16) {
+                    strided_grad_image::<7, 14>(g, c0, dp, panels, dxt);
+                }
+                transpose(dxt, hw, g.c_in, out);
+            }
+        })
+    })
+}
+
+/// One image's input gradient, channels-last (`dxt` `[h w, 16 V]`), from its padded output
+/// gradient `dp` (planes `(h_out + 2) (w_out + 2)`), in tiles of `P = 2 M` positions of one line
+/// from an even column.
+///
+/// With stride 2, input line `y` takes only the filter rows `ky` with `y + 1 - ky` even: row 1
+/// from output line `y / 2` where `y` is even, rows 0 and 2 from lines `(y + 1) / 2` and
+/// `(y - 1) / 2` where it is odd; columns likewise. So a tile of columns `2 j0 .. 2 j0 + P` takes,
+/// per output channel and filter row, the `M + 1` values `dy[j0 ..= j0 + M]` of one line:
+/// column `2 (j0 + t)` adds `dy[j0 + t] w[ky, 1]`, column `2 (j0 + t) + 1` adds
+/// `dy[j0 + t + 1] w[ky, 0] + dy[j0 + t] w[ky, 2]`. Every product is one the gradient needs, and
+/// each broadcast value serves three of them.
+fn strided_grad_image<const M: usize, const P: usize>(
+    g: &Geom,
+    c0: usize,
+    dp: &[f32],
+    panels: &[f32],
+    dxt: &mut [f32],
+) {
+    let (wq, ci) = (g.w_out + 2, g.c_in);
+    let plane = (g.h_out + 2) * wq;
+    assert!(P == 2 * M && M < 8 && c0 + 16 <= ci && panels.len() == g.c_out * 9 * ci && dxt.len() >= g.h * g.w * ci);
+    assert!(dp.len() > g.c_out * plane + M);
+    for y in 0..g.h {
+        // (filter row, padded line of `dy`): output line `l` is padded line `l + 1`.
+        let rows: &[(usize, usize)] = if y % 2 == 0 {
+            &[(1, y / 2 + 1)]
+        } else {
+            &[(0, y / 2 + 2), (2, y / 2 + 1)]
+        };
+        for x0 in (0..g.w).step_by(P) {
+            let j0 = x0 / 2;
+            // SAFETY: the lines read, `y / 2 + 2 <= h_out + 1` at most, are inside a padded
+            // plane; a tile's `M + 1` values from column `1 + j0` run past the line only for
+            // positions past the map, into the next line or at most `M + 1` values past the
+            // last plane, inside `dp`. `panels` holds `c_out * 9` rows of `c_in` weights, of
+            // which a vector from `c0` is read.
+            let acc = unsafe {
+                let mut acc = [_mm512_setzero_ps(); P];
+                for o in 0..g.c_out {
+                    for &(ky, line) in rows {
+                        let at = dp.as_ptr().add(o * plane + line * wq + 1 + j0);
+                        let wr = panels.as_ptr().add((o * 9 + ky * 3) * ci + c0);
+                        let [w0, w1, w2]: [__m512; 3] = std::array::from_fn(|kx| _mm512_loadu_ps(wr.add(kx * ci)));
+                        let b: [__m512; 8] = std::array::from_fn(|t| {
+                            if t <= M {
+                                _mm512_set1_ps(*at.add(t))
+                            } else {
+                                _mm512_setzero_ps()
+                            }
+                        });
+                        for t in 0..M {
+                            acc[2 * t] = _mm512_fmadd_ps(b[t], w1, acc[2 * t]);
+                            let odd = _mm512_fmadd_ps(b[t], w2, acc[2 * t + 1]);
+                            acc[2 * t + 1] = _mm512_fmadd_ps(b[t + 1], w0, odd);
+                        }
+                    }
+                }
+                acc
+            };
+            for (p, &a) in acc.iter().enumerate().take(g.w - x0) {
+                let dst = &mut dxt[(y * g.w + x0 + p) * ci + c0..][..16];
+                // SAFETY: `dst` holds 16 values.
+                unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), a) };
             }
         }
     }
@@ -311,12 +470,69 @@ pub(super) fn weight_applies(g: &Geom) -> bool {
 /// im2col + gemm.) The parts are `conv::partial_sums`'s, fixed by the thread count, so the sums'
 /// rounding does not depend on scheduling.
 pub(super) fn weight_grad(g: &Geom, dy: &[f32], x: &[f32]) -> Vec<f32> {
+    sum_transposed(backward(g, dy, None, x, None).0, g.c_in * 9, g.c_out)
+}
+
+/// Whether [`bias_relu_backward`] takes the backward pass of `relu(conv(x, w) + bias)`: a
+/// convolution whose weight gradient [`weight_applies`] takes and, where the input needs a
+/// gradient too (`input_grad`), [`strided_grad_applies`] or [`applies`] (for its `c_in`).
+pub(super) fn bias_relu_applies(g: &Geom, input_grad: bool) -> bool {
+    weight_applies(g) && (!input_grad || strided_grad_applies(g) || applies(g, g.c_in))
+}
+
+/// The gradients of `relu(conv(x, w) + bias)`, whose output was `y`, from `dy`: the weight's,
+/// the bias's and, given the input gradient's panels (from [`strided_grad_panels`] for stride
+/// 2, [`panels`] with `grad` for stride 1), the input's, for a convolution
+/// [`bias_relu_applies`] takes.
+///
+/// One pass per image: `dy` masked by `y > 0` into a buffer of the thread's (and summed per
+/// channel, the bias's gradient), from which the weight gradient's channels-last copy and the
+/// input gradient's padded one are made while it is in cache. As three ops (mask, weight
+/// gradient, input gradient), the masked gradient went to memory and was read back by each,
+/// and `dx` was zeroed before it was written.
+pub(super) fn bias_relu_backward(
+    g: &Geom,
+    dy: &[f32],
+    y: &[f32],
+    x: &[f32],
+    dx_panels: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f32>, Option<Vec<f32>>) {
+    let (parts, dx) = backward(g, dy, Some(y), x, dx_panels);
+    let taps = g.c_out * g.c_in * 9;
+    let sum = sum_parts(parts);
+    (transposed(&sum[..taps], g.c_in * 9, g.c_out), sum[taps..].to_vec(), dx)
+}
+
+/// [`weight_grad`]'s parts (`[c_in, 9, c_out]`, then with `relu` the `c_out` sums of the
+/// masked gradient), and the input gradient where `dx_panels` are given (see
+/// [`bias_relu_backward`]).
+fn backward(
+    g: &Geom,
+    dy: &[f32],
+    relu: Option<&[f32]>,
+    x: &[f32],
+    dx_panels: Option<&[f32]>,
+) -> (Vec<Vec<f32>>, Option<Vec<f32>>) {
     let (h, w, hw) = (g.h, g.w, g.h_out * g.w_out);
     let wp = w + 2;
     let plane = (h + 2) * wp;
     let padded_len = g.c_in * plane + 3 * wp + 32;
     let (x_image, y_image) = (g.c_in * h * w, g.c_out * hw);
     let taps = g.c_out * g.c_in * 9;
+    let part_len = taps + if relu.is_some() { g.c_out } else { 0 };
+    // The masked gradient; for the input gradient, that gradient padded (with the slack that
+    // both of its kernels read past the last plane) and, for stride 2, `dx` channels-last.
+    let masked_len = if relu.is_some() { y_image } else { 0 };
+    let wq = g.w_out + 2;
+    let (dp_len, dxt_len) = match dx_panels {
+        Some(_) => (
+            g.c_out * (g.h_out + 2) * wq + 3 * wq + 32,
+            if g.stride == 2 { x_image } else { 0 },
+        ),
+        None => (0, 0),
+    };
+    let mut dx: Option<Vec<f32>> = dx_panels.map(|_| super::conv::zeros(g.b * x_image));
+    let dx_at = dx.as_mut().map(|d| d.as_mut_ptr() as usize);
     let per_task = chunk(g.b, 1);
     // Channel blocks: 32 wide, and a last one of 16 where `c_out` is an odd multiple of 16.
     let blocks: Vec<(usize, usize)> = (0..g.c_out)
@@ -325,55 +541,106 @@ pub(super) fn weight_grad(g: &Geom, dy: &[f32], x: &[f32]) -> Vec<f32> {
         .collect();
     let add = |mut part: Vec<f32>, t: usize| {
         if part.is_empty() {
-            part = vec![0.0; taps];
+            part = vec![0.0; part_len];
         }
-        with_cols(padded_len + y_image, |buf: &mut [f32]| {
-            let (xp, dyt) = buf.split_at_mut(padded_len);
-            for n in t * per_task..((t + 1) * per_task).min(g.b) {
-                pad(&x[n * x_image..][..x_image], h, w, xp);
-                let dy = &dy[n * y_image..][..y_image];
-                for &(c0, width) in &blocks {
-                    transpose(
-                        &dy[c0 * hw..][..width * hw],
-                        width,
-                        hw,
-                        &mut dyt[c0 * hw..][..width * hw],
-                    );
-                }
-                for &(c0, width) in &blocks {
-                    let d = &dyt[c0 * hw..][..width * hw];
-                    for ci in 0..g.c_in {
-                        let xc = &xp[ci * plane..][..plane];
-                        // SAFETY: `xc` is input channel `ci`'s padded plane, `(h + 2) (w + 2)`
-                        // values; `d` the block's `h w` positions of `width` values.
-                        let sums: [[__m512; 2]; 9] = unsafe {
-                            if width == 32 {
-                                weight_tile::<2>(xc.as_ptr(), d.as_ptr(), g, wp)
-                            } else {
-                                let one = weight_tile::<1>(xc.as_ptr(), d.as_ptr(), g, wp);
-                                one.map(|[v]| [v, _mm512_setzero_ps()])
-                            }
-                        };
-                        for (tap, sums) in sums.iter().enumerate() {
-                            let dst = &mut part[(ci * 9 + tap) * g.c_out + c0..][..width];
-                            for (dst, sum) in dst.chunks_exact_mut(16).zip(sums) {
-                                // SAFETY: `dst` holds 16 values.
-                                unsafe {
-                                    _mm512_storeu_ps(
-                                        dst.as_mut_ptr(),
-                                        _mm512_add_ps(_mm512_loadu_ps(dst.as_ptr()), *sum),
-                                    )
-                                };
+        let (part_taps, sums) = part.split_at_mut(taps);
+        with_cols(
+            padded_len + y_image + masked_len + dp_len + dxt_len,
+            |buf: &mut [f32]| {
+                let (xp, rest) = buf.split_at_mut(padded_len);
+                let (dyt, rest) = rest.split_at_mut(y_image);
+                let (masked, rest) = rest.split_at_mut(masked_len);
+                let (dp, dxt) = rest.split_at_mut(dp_len);
+                for n in t * per_task..((t + 1) * per_task).min(g.b) {
+                    pad(&x[n * x_image..][..x_image], h, w, xp);
+                    let mut dy = &dy[n * y_image..][..y_image];
+                    if let Some(y) = relu {
+                        mask(dy, &y[n * y_image..][..y_image], hw, masked, sums);
+                        dy = masked;
+                    }
+                    for &(c0, width) in &blocks {
+                        transpose(
+                            &dy[c0 * hw..][..width * hw],
+                            width,
+                            hw,
+                            &mut dyt[c0 * hw..][..width * hw],
+                        );
+                    }
+                    for &(c0, width) in &blocks {
+                        let d = &dyt[c0 * hw..][..width * hw];
+                        for ci in 0..g.c_in {
+                            let xc = &xp[ci * plane..][..plane];
+                            // SAFETY: `xc` is input channel `ci`'s padded plane, `(h + 2) (w + 2)`
+                            // values; `d` the block's `h w` positions of `width` values.
+                            let sums: [[__m512; 2]; 9] = unsafe {
+                                if width == 32 {
+                                    weight_tile::<2>(xc.as_ptr(), d.as_ptr(), g, wp)
+                                } else {
+                                    let one = weight_tile::<1>(xc.as_ptr(), d.as_ptr(), g, wp);
+                                    one.map(|[v]| [v, _mm512_setzero_ps()])
+                                }
+                            };
+                            for (tap, sums) in sums.iter().enumerate() {
+                                let dst = &mut part_taps[(ci * 9 + tap) * g.c_out + c0..][..width];
+                                for (dst, sum) in dst.chunks_exact_mut(16).zip(sums) {
+                                    // SAFETY: `dst` holds 16 values.
+                                    unsafe {
+                                        _mm512_storeu_ps(
+                                            dst.as_mut_ptr(),
+                                            _mm512_add_ps(_mm512_loadu_ps(dst.as_ptr()), *sum),
+                                        )
+                                    };
+                                }
                             }
                         }
                     }
+                    if let (Some(panels), Some(at)) = (dx_panels, dx_at) {
+                        // SAFETY: image `n`'s values of `dx`, which only this task writes.
+                        let out = unsafe { std::slice::from_raw_parts_mut((at as *mut f32).add(n * x_image), x_image) };
+                        pad(dy, g.h_out, g.w_out, dp);
+                        if g.stride == 2 {
+                            for c0 in (0..g.c_in).step_by(16) {
+                                strided_grad_image::<7, 14>(g, c0, dp, panels, dxt);
+                            }
+                            transpose(dxt, h * w, g.c_in, out);
+                        } else {
+                            // SAFETY: `out` holds the image's `c_in` channels.
+                            unsafe { image(dp, g.c_out, h, w, panels, None, 0..g.c_in / MR, out.as_mut_ptr()) };
+                        }
+                    }
                 }
-            }
-        });
+            },
+        );
         part
     };
-    // Each part is `[c_in, 9, c_out]`; `dw` wants `[c_out, c_in, 9]`.
-    sum_transposed(partial_sums(g.b.div_ceil(per_task), add), g.c_in * 9, g.c_out)
+    (partial_sums(g.b.div_ceil(per_task), add), dx)
+}
+
+/// `masked = dy where y > 0, else 0`, both `[c, hw]`, with each channel's sum added to `sums`.
+fn mask(dy: &[f32], y: &[f32], hw: usize, masked: &mut [f32], sums: &mut [f32]) {
+    assert!(y.len() == dy.len() && masked.len() == dy.len() && sums.len() * hw == dy.len());
+    let planes = dy
+        .chunks_exact(hw)
+        .zip(y.chunks_exact(hw))
+        .zip(masked.chunks_exact_mut(hw));
+    for (((dy, y), masked), sum) in planes.zip(sums) {
+        // SAFETY: each mask covers `min(hw - c0, 16)` values from `c0`, inside the three planes.
+        unsafe {
+            let mut acc = _mm512_setzero_ps();
+            for c0 in (0..hw).step_by(16) {
+                let lanes = (u32::MAX >> (32 - (hw - c0).min(16))) as __mmask16;
+                let d = _mm512_maskz_loadu_ps(lanes, dy.as_ptr().add(c0));
+                let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(
+                    _mm512_maskz_loadu_ps(lanes, y.as_ptr().add(c0)),
+                    _mm512_setzero_ps(),
+                );
+                let v = _mm512_maskz_mov_ps(positive, d);
+                _mm512_mask_storeu_ps(masked.as_mut_ptr().add(c0), lanes, v);
+                acc = _mm512_add_ps(acc, v);
+            }
+            *sum += _mm512_reduce_add_ps(acc);
+        }
+    }
 }
 
 /// `src` `[rows, cols]` as `dst` `[cols, rows]`: 16 x 16 blocks transposed in registers, the
@@ -565,8 +832,9 @@ mod tests {
         }
     }
 
-    /// The stride-2 forward pass and weight gradient against the im2col path in f64: 32 and 64
-    /// channels, even and odd maps, a last tile of positions past the map.
+    /// The stride-2 kernels against the im2col path in f64: 32 and 64 output channels, 16 and 32
+    /// input channels for the input gradient, even and odd maps, a last tile of positions past
+    /// the map.
     #[test]
     fn strided_kernels_match_the_im2col_path() {
         for (i, &(b, ci, co, h, w)) in [
@@ -574,6 +842,10 @@ mod tests {
             (3, 5, 64, 14, 14),
             (2, 4, 32, 9, 7),
             (2, 1, 64, 5, 12),
+            (2, 16, 32, 28, 28),
+            (3, 32, 64, 14, 14),
+            (2, 16, 64, 9, 7),
+            (2, 32, 32, 6, 17),
         ]
         .iter()
         .enumerate()
@@ -589,6 +861,86 @@ mod tests {
             let want = autograd_weight_grad(&g, &x, &wt, &dy);
             let got = weight_grad(&g, &f32s(&dy), &f32s(&x));
             assert!(max_diff(&got, &want) < 1e-4, "weight gradient, case {i}");
+            if strided_grad_applies(&g) {
+                let want = input_grad_slices(&dy, [b, ci, h, w], &wt, [co, ci, 3, 3], 2, 1, None).unwrap();
+                let got = strided_input_grad(&g, &f32s(&dy), &strided_grad_panels(&g, &f32s(&wt)));
+                assert!(max_diff(&got, &want) < 1e-5, "input gradient, case {i}");
+            }
+        }
+    }
+
+    /// `relu(conv(x, w) + bias)` against the im2col path in f64, and its fused backward against
+    /// the three steps (mask, weight gradient by candle's autograd, input gradient by the im2col
+    /// path): stride 2 with
+    /// 16 and 32 input channels, stride 1 with and without the input gradient, 16 to 64 output
+    /// channels, odd maps.
+    #[test]
+    fn bias_relu_matches_the_steps() {
+        for (i, &(b, ci, co, h, w, s, input_grad)) in [
+            (2, 16, 32, 28, 28, 2, true),
+            (3, 32, 64, 14, 14, 2, true),
+            (2, 16, 64, 9, 7, 2, true),
+            (3, 1, 16, 28, 28, 1, false),
+            (2, 8, 32, 14, 14, 1, true),
+            (3, 16, 16, 7, 13, 1, true),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let g = Geom::new(&[b, ci, h, w], &[co, ci, 3, 3], s, 1).unwrap();
+            assert!(bias_relu_applies(&g, input_grad), "case {i}");
+            let n_out = b * co * g.h_out * g.w_out;
+            let x = values(b * ci * h * w, i as u64);
+            let wt = values(co * ci * 9, 50 + i as u64);
+            let dy = values(n_out, 100 + i as u64);
+            // Only the sign of `y` matters here; about half of it is cut.
+            let y = values(n_out, 150 + i as u64);
+            let masked: Vec<f64> = dy
+                .iter()
+                .zip(&y)
+                .map(|(&d, &y)| if y > 0.0 { d } else { 0.0 })
+                .collect();
+            let hw = g.h_out * g.w_out;
+            let mut want_db = vec![0.0; co];
+            for (p, plane) in masked.chunks_exact(hw).enumerate() {
+                want_db[p % co] += plane.iter().sum::<f64>();
+            }
+            let w32 = f32s(&wt);
+            // Forward: the bias and ReLU on the f64 im2col path's output.
+            let bias = values(co, 200 + i as u64);
+            let (conv, _) = forward_slices(&x, [b, ci, h, w], &wt, [co, ci, 3, 3], s, 1, None).unwrap();
+            let want: Vec<f64> = conv
+                .iter()
+                .enumerate()
+                .map(|(k, &v)| (v + bias[k / hw % co]).max(0.0))
+                .collect();
+            let fwd_panels = if s == 2 {
+                strided_panels(&g, &w32)
+            } else {
+                panels(&g, &w32, false)
+            };
+            let got = bias_relu(&g, &f32s(&x), &fwd_panels, &f32s(&bias));
+            assert!(max_diff(&got, &want) < 1e-5, "forward, case {i}");
+            let cut = want.iter().filter(|&&v| v == 0.0).count();
+            assert!(cut > 0 && cut < want.len(), "case {i}: the ReLU cuts {cut} values");
+            let panels = input_grad.then(|| {
+                if s == 2 {
+                    strided_grad_panels(&g, &w32)
+                } else {
+                    panels(&g, &w32, true)
+                }
+            });
+            let (dw, db, dx) = bias_relu_backward(&g, &f32s(&dy), &f32s(&y), &f32s(&x), panels.as_deref());
+            assert!(
+                max_diff(&dw, &autograd_weight_grad(&g, &x, &wt, &masked)) < 1e-4,
+                "weight gradient, case {i}"
+            );
+            assert!(max_diff(&db, &want_db) < 1e-4, "bias gradient, case {i}");
+            assert_eq!(dx.is_some(), input_grad);
+            if let Some(dx) = dx {
+                let want = input_grad_slices(&masked, [b, ci, h, w], &wt, [co, ci, 3, 3], s, 1, None).unwrap();
+                assert!(max_diff(&dx, &want) < 1e-5, "input gradient, case {i}");
+            }
         }
     }
 
