@@ -1105,6 +1105,30 @@ pub(crate) fn forward_slices<T: WithDType>(
     Ok((forward(&g, x, w, kept), [g.b, g.c_out, g.h_out, g.w_out]))
 }
 
+/// [`forward_slices`] then `relu(y + bias)`, with the bias and ReLU inside `direct`'s kernels;
+/// `None` where those do not take the convolution (the caller then adds them itself).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn bias_relu_slices<T: WithDType>(
+    x: &[T],
+    x_dims: [usize; 4],
+    w: &[T],
+    w_dims: [usize; 4],
+    stride: usize,
+    pad: usize,
+    bias: &[T],
+    kept: Option<&Kept<T>>,
+) -> Result<Option<(Vec<T>, [usize; 4])>> {
+    let g = Geom::new(&x_dims, &w_dims, stride, pad)?;
+    if x.len() != x_dims.iter().product::<usize>()
+        || w.len() != w_dims.iter().product::<usize>()
+        || bias.len() != g.c_out
+    {
+        bail!("convolution buffers do not match their shapes {x_dims:?} and {w_dims:?}")
+    }
+    let y = direct_bias_relu(&g, x, w, bias, kept.map(|k| &k.panels));
+    Ok(y.map(|y| (y, [g.b, g.c_out, g.h_out, g.w_out])))
+}
+
 /// The input gradient of [`forward_slices`]: `dy` `[b, c_out, h_out, w_out]` to `[b, c_in, h, w]`
 /// for an input of shape `x_dims`.
 pub(crate) fn input_grad_slices<T: WithDType>(
@@ -1266,7 +1290,7 @@ impl ConvBiasRelu {
                 g.c_out
             )
         }
-        let y = direct_bias_relu(&g, x, w, bias).unwrap_or_else(|| {
+        let y = direct_bias_relu(&g, x, w, bias, None).unwrap_or_else(|| {
             let mut y = forward(&g, x, w, None);
             each_plane(&mut y, g.hw_out(), |p, plane| {
                 let b = bias[p % g.c_out];
@@ -1281,24 +1305,43 @@ impl ConvBiasRelu {
 }
 
 /// `relu(conv(x, w) + bias)` by `direct`'s forward kernels, the bias and ReLU applied before
-/// their stores, where they take the convolution (as in [`forward`]: Winograd's first).
+/// their stores, where they take the convolution (as in [`forward`]: Winograd's first). `kept`
+/// keeps the same forward panels as [`direct`]'s.
 #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-fn direct_bias_relu<T: WithDType>(g: &Geom, x: &[T], w: &[T], bias: &[T]) -> Option<Vec<T>> {
+fn direct_bias_relu<T: WithDType>(
+    g: &Geom,
+    x: &[T],
+    w: &[T],
+    bias: &[T],
+    kept: Option<&OnceLock<Vec<T>>>,
+) -> Option<Vec<T>> {
     if TypeId::of::<T>() != TypeId::of::<f32>() || winograd::applies(g) {
         return None;
     }
-    let panels = if direct::strided_applies(g) {
-        direct::strided_panels(g, as_f32(w))
-    } else if direct::applies(g, g.c_out) {
-        direct::panels(g, as_f32(w), false)
-    } else {
+    let strided = direct::strided_applies(g);
+    if !strided && !direct::applies(g, g.c_out) {
         return None;
+    }
+    let make = || {
+        if strided {
+            direct::strided_panels(g, as_f32(w))
+        } else {
+            direct::panels(g, as_f32(w), false)
+        }
     };
-    Some(from_f32(direct::bias_relu(g, as_f32(x), &panels, as_f32(bias))))
+    let made;
+    let panels = match kept {
+        Some(k) => as_f32(k.get_or_init(|| from_f32(make()))),
+        None => {
+            made = make();
+            &made
+        }
+    };
+    Some(from_f32(direct::bias_relu(g, as_f32(x), panels, as_f32(bias))))
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
-fn direct_bias_relu<T: WithDType>(_: &Geom, _: &[T], _: &[T], _: &[T]) -> Option<Vec<T>> {
+fn direct_bias_relu<T: WithDType>(_: &Geom, _: &[T], _: &[T], _: &[T], _: Option<&OnceLock<Vec<T>>>) -> Option<Vec<T>> {
     None
 }
 

@@ -23,7 +23,7 @@ use std::ops::Range;
 use candle_core::{DType, Result, Tensor, bail};
 use rayon::prelude::*;
 
-use super::conv::{Kept, Mat, PAR_MIN, each_plane, forward_slices, input_grad_slices, matmul, zeros};
+use super::conv::{Kept, Mat, PAR_MIN, bias_relu_slices, each_plane, forward_slices, input_grad_slices, matmul, zeros};
 use super::lanes::relu_grad_sums;
 use super::layers::{Conv2d, Linear};
 use super::norm::Norm;
@@ -96,8 +96,24 @@ impl PConv {
         self.forward_then(x, x_dims, false)
     }
 
-    /// The convolution plus its bias, and then a ReLU when `relu`, in one pass over the output.
+    /// The convolution plus its bias, and then a ReLU when `relu`, in one pass over the output;
+    /// the bias and ReLU inside `direct`'s kernels where they take the convolution (the router's).
     fn forward_then(&self, x: &[f32], x_dims: [usize; 4], relu: bool) -> Result<(Vec<f32>, [usize; 4])> {
+        if let (true, Some(bias)) = (relu, &self.bias) {
+            let fused = bias_relu_slices(
+                x,
+                x_dims,
+                &self.w,
+                self.w_dims,
+                self.stride,
+                self.pad,
+                bias,
+                Some(&self.kept),
+            )?;
+            if let Some(done) = fused {
+                return Ok(done);
+            }
+        }
         let (mut y, d) = forward_slices(x, x_dims, &self.w, self.w_dims, self.stride, self.pad, Some(&self.kept))?;
         if self.bias.is_some() || relu {
             let hw = d[2] * d[3];
