@@ -712,7 +712,7 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T], kept: Option<&Kept<T>>) -> 
     if winograd::applies(g) {
         return winograd::forward(g, x, w, kept.map(|k| &k.forward));
     }
-    if let Some(y) = direct(g, false, x, w, kept.map(|k| &k.panels)) {
+    if let Some(y) = direct(g, false, x, w, kept.map(|k| &k.panels), None) {
         return y;
     }
     let reads = Reads::new(g);
@@ -777,11 +777,19 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T], kept: Option<&Kept<T>>) -> 
 }
 
 /// The forward pass (or with `grad`, the input gradient from `dy` as `a`) by `direct`'s kernels,
-/// where one applies: `f32`, on a build with AVX-512. `kept` keeps the filters' panels (one
+/// where one applies: `f32`, on a build with AVX-512; with `bias` (forward only),
+/// `relu(conv + bias)`. `kept` keeps the filters' panels (one
 /// layer's: its stride, so which kernel's panels it holds, never changes; the strided kernels
 /// decline one image before the panels are made).
 #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-fn direct<T: WithDType>(g: &Geom, grad: bool, a: &[T], w: &[T], kept: Option<&OnceLock<Vec<T>>>) -> Option<Vec<T>> {
+fn direct<T: WithDType>(
+    g: &Geom,
+    grad: bool,
+    a: &[T],
+    w: &[T],
+    kept: Option<&OnceLock<Vec<T>>>,
+    bias: Option<&[T]>,
+) -> Option<Vec<T>> {
     if TypeId::of::<T>() != TypeId::of::<f32>() {
         return None;
     }
@@ -806,10 +814,11 @@ fn direct<T: WithDType>(g: &Geom, grad: bool, a: &[T], w: &[T], kept: Option<&On
             &made
         }
     };
+    let bias = bias.map(as_f32);
     Some(from_f32(match (strided, grad) {
-        (true, false) => direct::strided_forward(g, as_f32(a), panels),
+        (true, false) => direct::strided_forward(g, as_f32(a), panels, bias),
         (true, true) => direct::strided_input_grad(g, as_f32(a), panels),
-        (false, _) => direct::run(g, as_f32(a), panels, grad),
+        (false, _) => direct::run(g, as_f32(a), panels, grad, bias),
     }))
 }
 
@@ -828,7 +837,14 @@ fn direct_weight_grad<T: WithDType>(_: &Geom, _: &[T], _: &[T]) -> Option<Vec<T>
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
-fn direct<T: WithDType>(_: &Geom, _: bool, _: &[T], _: &[T], _: Option<&OnceLock<Vec<T>>>) -> Option<Vec<T>> {
+fn direct<T: WithDType>(
+    _: &Geom,
+    _: bool,
+    _: &[T],
+    _: &[T],
+    _: Option<&OnceLock<Vec<T>>>,
+    _: Option<&[T]>,
+) -> Option<Vec<T>> {
     None
 }
 
@@ -854,7 +870,7 @@ fn input_grad<T: WithDType>(g: &Geom, dy: &[T], w: &[T], kept: Option<&Kept<T>>)
     if winograd::applies(g) {
         return winograd::input_grad(g, dy, w, kept.map(|k| &k.turned));
     }
-    if let Some(dx) = direct(g, true, dy, w, kept.map(|k| &k.turned_panels)) {
+    if let Some(dx) = direct(g, true, dy, w, kept.map(|k| &k.turned_panels), None) {
         return dx;
     }
     let reads = Reads::new(g);
@@ -1088,7 +1104,9 @@ impl<T> Default for Kept<T> {
 }
 
 /// `conv(x, w)` over plain slices, for code that keeps its own buffers: `x` `[b, c_in, h, w]`
-/// and `w` `[c_out, c_in, k, k]` give `[b, c_out, h_out, w_out]`, returned with its shape.
+/// and `w` `[c_out, c_in, k, k]` give `[b, c_out, h_out, w_out]`, returned with its shape; with
+/// `bias_relu`, `relu(conv(x, w) + bias)` (as `conv2d_bias_relu`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_slices<T: WithDType>(
     x: &[T],
     x_dims: [usize; 4],
@@ -1096,37 +1114,21 @@ pub(crate) fn forward_slices<T: WithDType>(
     w_dims: [usize; 4],
     stride: usize,
     pad: usize,
+    bias_relu: Option<&[T]>,
     kept: Option<&Kept<T>>,
 ) -> Result<(Vec<T>, [usize; 4])> {
     let g = Geom::new(&x_dims, &w_dims, stride, pad)?;
-    if x.len() != x_dims.iter().product::<usize>() || w.len() != w_dims.iter().product::<usize>() {
-        bail!("convolution buffers do not match their shapes {x_dims:?} and {w_dims:?}")
-    }
-    Ok((forward(&g, x, w, kept), [g.b, g.c_out, g.h_out, g.w_out]))
-}
-
-/// [`forward_slices`] then `relu(y + bias)`, with the bias and ReLU inside `direct`'s kernels;
-/// `None` where those do not take the convolution (the caller then adds them itself).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn bias_relu_slices<T: WithDType>(
-    x: &[T],
-    x_dims: [usize; 4],
-    w: &[T],
-    w_dims: [usize; 4],
-    stride: usize,
-    pad: usize,
-    bias: &[T],
-    kept: Option<&Kept<T>>,
-) -> Result<Option<(Vec<T>, [usize; 4])>> {
-    let g = Geom::new(&x_dims, &w_dims, stride, pad)?;
     if x.len() != x_dims.iter().product::<usize>()
         || w.len() != w_dims.iter().product::<usize>()
-        || bias.len() != g.c_out
+        || bias_relu.is_some_and(|b| b.len() != g.c_out)
     {
         bail!("convolution buffers do not match their shapes {x_dims:?} and {w_dims:?}")
     }
-    let y = direct_bias_relu(&g, x, w, bias, kept.map(|k| &k.panels));
-    Ok(y.map(|y| (y, [g.b, g.c_out, g.h_out, g.w_out])))
+    let y = match bias_relu {
+        Some(bias) => forward_bias_relu(&g, x, w, bias, kept),
+        None => forward(&g, x, w, kept),
+    };
+    Ok((y, [g.b, g.c_out, g.h_out, g.w_out]))
 }
 
 /// The input gradient of [`forward_slices`]: `dy` `[b, c_out, h_out, w_out]` to `[b, c_in, h, w]`
@@ -1290,59 +1292,27 @@ impl ConvBiasRelu {
                 g.c_out
             )
         }
-        let y = direct_bias_relu(&g, x, w, bias, None).unwrap_or_else(|| {
-            let mut y = forward(&g, x, w, None);
-            each_plane(&mut y, g.hw_out(), |p, plane| {
-                let b = bias[p % g.c_out];
-                plane
-                    .iter_mut()
-                    .for_each(|v| *v = if *v + b > T::zero() { *v + b } else { T::zero() });
-            });
-            y
-        });
+        let y = forward_bias_relu(&g, x, w, bias, None);
         Ok((y, Shape::from((g.b, g.c_out, g.h_out, g.w_out))))
     }
 }
 
-/// `relu(conv(x, w) + bias)` by `direct`'s forward kernels, the bias and ReLU applied before
-/// their stores, where they take the convolution (as in [`forward`]: Winograd's first). `kept`
-/// keeps the same forward panels as [`direct`]'s.
-#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-fn direct_bias_relu<T: WithDType>(
-    g: &Geom,
-    x: &[T],
-    w: &[T],
-    bias: &[T],
-    kept: Option<&OnceLock<Vec<T>>>,
-) -> Option<Vec<T>> {
-    if TypeId::of::<T>() != TypeId::of::<f32>() || winograd::applies(g) {
-        return None;
+/// `relu(conv(x, w) + bias)`: the bias and the ReLU inside `direct`'s kernels where they take the
+/// convolution (after Winograd's, as in [`forward`]), else in one pass over the output.
+fn forward_bias_relu<T: WithDType>(g: &Geom, x: &[T], w: &[T], bias: &[T], kept: Option<&Kept<T>>) -> Vec<T> {
+    if !winograd::applies(g)
+        && let Some(y) = direct(g, false, x, w, kept.map(|k| &k.panels), Some(bias))
+    {
+        return y;
     }
-    let strided = direct::strided_applies(g);
-    if !strided && !direct::applies(g, g.c_out) {
-        return None;
-    }
-    let make = || {
-        if strided {
-            direct::strided_panels(g, as_f32(w))
-        } else {
-            direct::panels(g, as_f32(w), false)
-        }
-    };
-    let made;
-    let panels = match kept {
-        Some(k) => as_f32(k.get_or_init(|| from_f32(make()))),
-        None => {
-            made = make();
-            &made
-        }
-    };
-    Some(from_f32(direct::bias_relu(g, as_f32(x), panels, as_f32(bias))))
-}
-
-#[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
-fn direct_bias_relu<T: WithDType>(_: &Geom, _: &[T], _: &[T], _: &[T], _: Option<&OnceLock<Vec<T>>>) -> Option<Vec<T>> {
-    None
+    let mut y = forward(g, x, w, kept);
+    each_plane(&mut y, g.hw_out(), |p, plane| {
+        let b = bias[p % g.c_out];
+        plane
+            .iter_mut()
+            .for_each(|v| *v = if *v + b > T::zero() { *v + b } else { T::zero() });
+    });
+    y
 }
 
 /// `f(p, plane)` for every `hw`-value plane of `v`, on rayon's pool for a large `v`.
@@ -1831,11 +1801,11 @@ pub(super) mod tests {
         };
         let (w, x) = (values(&wd, 1), values(&[2, 64, 32, 32], 2));
         let kept = Kept::default();
-        forward_slices(&x, [2, 64, 32, 32], &w, wd, 1, 1, Some(&kept)).unwrap();
+        forward_slices(&x, [2, 64, 32, 32], &w, wd, 1, 1, None, Some(&kept)).unwrap();
         input_grad_slices(&x, [2, 64, 32, 32], &w, wd, 1, 1, Some(&kept)).unwrap();
         let one = &x[..x.len() / 2];
-        let (with, _) = forward_slices(one, xd, &w, wd, 1, 1, Some(&kept)).unwrap();
-        let (without, _) = forward_slices(one, xd, &w, wd, 1, 1, None).unwrap();
+        let (with, _) = forward_slices(one, xd, &w, wd, 1, 1, None, Some(&kept)).unwrap();
+        let (without, _) = forward_slices(one, xd, &w, wd, 1, 1, None, None).unwrap();
         assert_eq!(with, without);
         let with = input_grad_slices(one, xd, &w, wd, 1, 1, Some(&kept)).unwrap();
         let without = input_grad_slices(one, xd, &w, wd, 1, 1, None).unwrap();

@@ -216,22 +216,12 @@ pub(super) fn panels(g: &Geom, w: &[f32], grad: bool) -> Vec<f32> {
 
 /// The forward pass `conv(x, w)` from `x` `[b, c_in, h, w]`, or with `grad` the input gradient
 /// `[b, c_in, h, w]` from `dy` `[b, c_out, h, w]`, given the [`panels`] made with the same `grad`.
-pub(super) fn run(g: &Geom, a: &[f32], panels: &[f32], grad: bool) -> Vec<f32> {
+/// With `bias` (forward only), `relu(conv(x, w) + bias)`: the bias and the ReLU applied to the
+/// accumulators before they are stored, not in a pass of their own over the output.
+pub(super) fn run(g: &Geom, a: &[f32], panels: &[f32], grad: bool, bias: Option<&[f32]>) -> Vec<f32> {
     let (outputs, inputs) = if grad { (g.c_in, g.c_out) } else { (g.c_out, g.c_in) };
-    conv(g, a, inputs, outputs, panels, None)
-}
-
-/// `relu(conv(x, w) + bias)` for a convolution that [`applies`] (forward) or
-/// [`strided_applies`], with the [`panels`] or [`strided_panels`] of `w`: the bias and the ReLU
-/// applied to the accumulators before they are stored, not in a pass of their own over the
-/// output.
-pub(super) fn bias_relu(g: &Geom, x: &[f32], panels: &[f32], bias: &[f32]) -> Vec<f32> {
-    assert_eq!(bias.len(), g.c_out);
-    if strided_applies(g) {
-        strided(g, x, panels, Some(bias))
-    } else {
-        conv(g, x, g.c_in, g.c_out, panels, Some(bias))
-    }
+    assert!(bias.is_none_or(|b| !grad && b.len() == outputs));
+    conv(g, a, inputs, outputs, panels, bias)
 }
 
 /// Whether [`strided_forward`] handles a convolution: 3x3, stride 2, padding 1, a batch, and 32 or
@@ -253,13 +243,9 @@ pub(super) fn strided_panels(g: &Geom, w: &[f32]) -> Vec<f32> {
 /// does, so here the vectors run along output channels (as in [`weight_grad`]): a tile of
 /// positions by all the output channels (12 x 2 or 6 x 4 vectors) adds, per input channel and
 /// tap, the broadcast input value under each position times the tap's weights, into a
-/// channels-last image that is transposed once at the end.
-pub(super) fn strided_forward(g: &Geom, x: &[f32], panels: &[f32]) -> Vec<f32> {
-    strided(g, x, panels, None)
-}
-
-/// [`strided_forward`], and with `bias`, `relu(conv + bias)`.
-fn strided(g: &Geom, x: &[f32], panels: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+/// channels-last image that is transposed once at the end. With `bias`, `relu(conv + bias)`, as
+/// in [`run`].
+pub(super) fn strided_forward(g: &Geom, x: &[f32], panels: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let (h, w, hw) = (g.h, g.w, g.h_out * g.w_out);
     let wp = w + 2;
     let padded_len = g.c_in * (h + 2) * wp + 3 * wp + 32;
@@ -813,8 +799,8 @@ mod tests {
             let (x32, w32, dy32) = (f32s(&x), f32s(&wt), f32s(&dy));
             // Tolerance: f32 rounding of sums of up to 144 products of values under 0.5.
             assert!(applies(&g, co), "case {i}");
-            let (want, _) = forward_slices(&x, [b, ci, h, w], &wt, [co, ci, 3, 3], 1, 1, None).unwrap();
-            let got = run(&g, &x32, &panels(&g, &w32, false), false);
+            let (want, _) = forward_slices(&x, [b, ci, h, w], &wt, [co, ci, 3, 3], 1, 1, None, None).unwrap();
+            let got = run(&g, &x32, &panels(&g, &w32, false), false, None);
             assert!(max_diff(&got, &want) < 1e-5, "forward, case {i}");
             if weight_applies(&g) {
                 let want = autograd_weight_grad(&g, &x, &wt, &dy);
@@ -826,7 +812,7 @@ mod tests {
             }
             if applies(&g, ci) {
                 let want = input_grad_slices(&dy, [b, ci, h, w], &wt, [co, ci, 3, 3], 1, 1, None).unwrap();
-                let got = run(&g, &dy32, &panels(&g, &w32, true), true);
+                let got = run(&g, &dy32, &panels(&g, &w32, true), true, None);
                 assert!(max_diff(&got, &want) < 1e-5, "input gradient, case {i}");
             }
         }
@@ -855,8 +841,8 @@ mod tests {
             let x = values(b * ci * h * w, i as u64);
             let wt = values(co * ci * 9, 50 + i as u64);
             let dy = values(b * co * g.h_out * g.w_out, 100 + i as u64);
-            let (want, _) = forward_slices(&x, [b, ci, h, w], &wt, [co, ci, 3, 3], 2, 1, None).unwrap();
-            let got = strided_forward(&g, &f32s(&x), &strided_panels(&g, &f32s(&wt)));
+            let (want, _) = forward_slices(&x, [b, ci, h, w], &wt, [co, ci, 3, 3], 2, 1, None, None).unwrap();
+            let got = strided_forward(&g, &f32s(&x), &strided_panels(&g, &f32s(&wt)), None);
             assert!(max_diff(&got, &want) < 1e-5, "forward, case {i}");
             let want = autograd_weight_grad(&g, &x, &wt, &dy);
             let got = weight_grad(&g, &f32s(&dy), &f32s(&x));
@@ -908,18 +894,18 @@ mod tests {
             let w32 = f32s(&wt);
             // Forward: the bias and ReLU on the f64 im2col path's output.
             let bias = values(co, 200 + i as u64);
-            let (conv, _) = forward_slices(&x, [b, ci, h, w], &wt, [co, ci, 3, 3], s, 1, None).unwrap();
+            let (conv, _) = forward_slices(&x, [b, ci, h, w], &wt, [co, ci, 3, 3], s, 1, None, None).unwrap();
             let want: Vec<f64> = conv
                 .iter()
                 .enumerate()
                 .map(|(k, &v)| (v + bias[k / hw % co]).max(0.0))
                 .collect();
-            let fwd_panels = if s == 2 {
-                strided_panels(&g, &w32)
+            let (x32, b32) = (f32s(&x), f32s(&bias));
+            let got = if s == 2 {
+                strided_forward(&g, &x32, &strided_panels(&g, &w32), Some(&b32))
             } else {
-                panels(&g, &w32, false)
+                run(&g, &x32, &panels(&g, &w32, false), false, Some(&b32))
             };
-            let got = bias_relu(&g, &f32s(&x), &fwd_panels, &f32s(&bias));
             assert!(max_diff(&got, &want) < 1e-5, "forward, case {i}");
             let cut = want.iter().filter(|&&v| v == 0.0).count();
             assert!(cut > 0 && cut < want.len(), "case {i}: the ReLU cuts {cut} values");

@@ -23,7 +23,7 @@ use std::ops::Range;
 use candle_core::{DType, Result, Tensor, bail};
 use rayon::prelude::*;
 
-use super::conv::{Kept, Mat, PAR_MIN, bias_relu_slices, each_plane, forward_slices, input_grad_slices, matmul, zeros};
+use super::conv::{Kept, Mat, PAR_MIN, each_plane, forward_slices, input_grad_slices, matmul, zeros};
 use super::lanes::relu_grad_sums;
 use super::layers::{Conv2d, Linear};
 use super::norm::Norm;
@@ -99,23 +99,19 @@ impl PConv {
     /// The convolution plus its bias, and then a ReLU when `relu`, in one pass over the output;
     /// the bias and ReLU inside `direct`'s kernels where they take the convolution (the router's).
     fn forward_then(&self, x: &[f32], x_dims: [usize; 4], relu: bool) -> Result<(Vec<f32>, [usize; 4])> {
-        if let (true, Some(bias)) = (relu, &self.bias) {
-            let fused = bias_relu_slices(
-                x,
-                x_dims,
-                &self.w,
-                self.w_dims,
-                self.stride,
-                self.pad,
-                bias,
-                Some(&self.kept),
-            )?;
-            if let Some(done) = fused {
-                return Ok(done);
-            }
-        }
-        let (mut y, d) = forward_slices(x, x_dims, &self.w, self.w_dims, self.stride, self.pad, Some(&self.kept))?;
-        if self.bias.is_some() || relu {
+        // A bias and a ReLU: `forward_slices`'s, inside the direct kernels where they apply.
+        let fused = if relu { self.bias.as_deref() } else { None };
+        let (mut y, d) = forward_slices(
+            x,
+            x_dims,
+            &self.w,
+            self.w_dims,
+            self.stride,
+            self.pad,
+            fused,
+            Some(&self.kept),
+        )?;
+        if fused.is_none() && (self.bias.is_some() || relu) {
             let hw = d[2] * d[3];
             each_plane(&mut y, hw, |p, plane| {
                 let b = self.bias.as_ref().map_or(0.0, |bias| bias[p % d[1]]);
