@@ -1282,6 +1282,8 @@ struct ConvBiasRelu {
     pad: usize,
 }
 
+type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
 impl ConvBiasRelu {
     fn run<T: WithDType>(&self, x: &[T], lx: &Layout, w: &[T], lw: &Layout, bias: &[T]) -> Result<(Vec<T>, Shape)> {
         let g = Geom::new(lx.dims(), lw.dims(), self.stride, self.pad)?;
@@ -1294,6 +1296,49 @@ impl ConvBiasRelu {
         }
         let y = forward_bias_relu(&g, x, w, bias, None);
         Ok((y, Shape::from((g.b, g.c_out, g.h_out, g.w_out))))
+    }
+
+    /// The backward pass in one op of `direct`'s, where it applies (`f32` on an AVX-512 build, a
+    /// trained weight, shapes its kernels take); `None` otherwise.
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    fn direct_bwd(&self, x: &Tensor, w: &Tensor, bias: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Grads3>> {
+        if dy.dtype() != DType::F32 || !w.track_op() {
+            return Ok(None);
+        }
+        let g = Geom::new(x.dims(), w.dims(), self.stride, self.pad)?;
+        let input_grad = x.track_op();
+        if !direct::bias_relu_applies(&g, input_grad) {
+            return Ok(None);
+        }
+        let (dw, db, dx) = with_values::<f32, _>(dy, |dy| {
+            with_values(y, |y| {
+                with_values(x, |xs| {
+                    with_values(w, |ws| {
+                        let panels = input_grad.then(|| {
+                            if g.stride == 2 {
+                                direct::strided_grad_panels(&g, ws)
+                            } else {
+                                direct::panels(&g, ws, true)
+                            }
+                        });
+                        Ok(direct::bias_relu_backward(&g, dy, y, xs, panels.as_deref()))
+                    })
+                })
+            })
+        })?;
+        let dev = y.device();
+        Ok(Some((
+            dx.map(|dx| Tensor::from_vec(dx, x.dims(), dev)).transpose()?,
+            Some(Tensor::from_vec(dw, w.dims(), dev)?),
+            bias.track_op()
+                .then(|| Tensor::from_vec(db, bias.dims(), dev))
+                .transpose()?,
+        )))
+    }
+
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+    fn direct_bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Option<Grads3>> {
+        Ok(None)
     }
 }
 
@@ -1402,53 +1447,6 @@ pub(super) fn with_values<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R
         bail!("the convolution kernel wants CPU tensors")
     };
     f(slice(cpu, layout)?)
-}
-
-type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
-
-impl ConvBiasRelu {
-    /// The backward pass in one op of `direct`'s, where it applies (`f32` on an AVX-512 build, a
-    /// trained weight, shapes its kernels take); `None` otherwise.
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-    fn direct_bwd(&self, x: &Tensor, w: &Tensor, bias: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Grads3>> {
-        if dy.dtype() != DType::F32 || !w.track_op() {
-            return Ok(None);
-        }
-        let g = Geom::new(x.dims(), w.dims(), self.stride, self.pad)?;
-        let input_grad = x.track_op();
-        if !direct::bias_relu_applies(&g, input_grad) {
-            return Ok(None);
-        }
-        let (dw, db, dx) = with_values::<f32, _>(dy, |dy| {
-            with_values(y, |y| {
-                with_values(x, |xs| {
-                    with_values(w, |ws| {
-                        let panels = input_grad.then(|| {
-                            if g.stride == 2 {
-                                direct::strided_grad_panels(&g, ws)
-                            } else {
-                                direct::panels(&g, ws, true)
-                            }
-                        });
-                        Ok(direct::bias_relu_backward(&g, dy, y, xs, panels.as_deref()))
-                    })
-                })
-            })
-        })?;
-        let dev = y.device();
-        Ok(Some((
-            dx.map(|dx| Tensor::from_vec(dx, x.dims(), dev)).transpose()?,
-            Some(Tensor::from_vec(dw, w.dims(), dev)?),
-            bias.track_op()
-                .then(|| Tensor::from_vec(db, bias.dims(), dev))
-                .transpose()?,
-        )))
-    }
-
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
-    fn direct_bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Option<Grads3>> {
-        Ok(None)
-    }
 }
 
 impl CustomOp3 for ConvBiasRelu {

@@ -344,8 +344,9 @@ pub(super) fn strided_grad_panels(g: &Geom, w: &[f32]) -> Vec<f32> {
 
 /// The input gradient `[b, c_in, h, w]` from `dy` `[b, c_out, h_out, w_out]` for a convolution
 /// [`strided_grad_applies`] takes, with `panels` from [`strided_grad_panels`]: per image, the
-/// padded `dy`, a channels-last gradient in tiles of positions by all the input channels (14 x 1
-/// or 8 x 2 vectors), transposed once at the end. im2col's way (a gemm into a column matrix,
+/// padded `dy`, a channels-last gradient in tiles of 14 positions by 16 input channels (one pass
+/// per 16 channels; 8 positions by 32 channels in one pass took as long), transposed once at
+/// the end. im2col's way (a gemm into a column matrix,
 /// then col2im's scatter-add into a zeroed `dx`) took a third of the router's stride-2 layer's
 /// forward + backward.
 pub(super) fn strided_input_grad(g: &Geom, dy: &[f32], panels: &[f32]) -> Vec<f32> {
@@ -369,9 +370,9 @@ pub(super) fn strided_input_grad(g: &Geom, dy: &[f32], panels: &[f32]) -> Vec<f3
     })
 }
 
-/// One image's input gradient, channels-last (`dxt` `[h w, 16 V]`), from its padded output
-/// gradient `dp` (planes `(h_out + 2) (w_out + 2)`), in tiles of `P = 2 M` positions of one line
-/// from an even column.
+/// One image's input gradient for the 16 input channels from `c0`, into the channels-last
+/// `dxt` (`[h w, c_in]`), from its padded output gradient `dp` (planes `(h_out + 2) (w_out + 2)`),
+/// in tiles of `P = 2 M` positions of one line from an even column.
 ///
 /// With stride 2, input line `y` takes only the filter rows `ky` with `y + 1 - ky` even: row 1
 /// from output line `y / 2` where `y` is even, rows 0 and 2 from lines `(y + 1) / 2` and
@@ -474,8 +475,7 @@ pub(super) fn bias_relu_applies(g: &Geom, input_grad: bool) -> bool {
 /// One pass per image: `dy` masked by `y > 0` into a buffer of the thread's (and summed per
 /// channel, the bias's gradient), from which the weight gradient's channels-last copy and the
 /// input gradient's padded one are made while it is in cache. As three ops (mask, weight
-/// gradient, input gradient), the masked gradient went to memory and was read back by each,
-/// and `dx` was zeroed before it was written.
+/// gradient, input gradient), the masked gradient went to memory and was read back by each.
 pub(super) fn bias_relu_backward(
     g: &Geom,
     dy: &[f32],
@@ -485,7 +485,9 @@ pub(super) fn bias_relu_backward(
 ) -> (Vec<f32>, Vec<f32>, Option<Vec<f32>>) {
     let (parts, dx) = backward(g, dy, Some(y), x, dx_panels);
     let taps = g.c_out * g.c_in * 9;
-    let sum = sum_parts(parts);
+    let mut sum = sum_parts(parts);
+    // No images, no part.
+    sum.resize(taps + g.c_out, 0.0);
     (transposed(&sum[..taps], g.c_in * 9, g.c_out), sum[taps..].to_vec(), dx)
 }
 
@@ -928,6 +930,10 @@ mod tests {
                 assert!(max_diff(&dx, &want) < 1e-5, "input gradient, case {i}");
             }
         }
+        // No images: zero gradients of the right sizes.
+        let g = Geom::new(&[0, 8, 14, 14], &[16, 8, 3, 3], 1, 1).unwrap();
+        let (dw, db, dx) = bias_relu_backward(&g, &[], &[], &[], Some(&panels(&g, &[0.5; 16 * 8 * 9], true)));
+        assert!(dw == vec![0.0; 16 * 8 * 9] && db == vec![0.0; 16] && dx == Some(Vec::new()));
     }
 
     #[test]
