@@ -850,10 +850,18 @@ fn direct<T: WithDType>(
 
 /// A `T` slice as the `f32` slice it is; panics for any other `T`.
 #[cfg_attr(not(all(target_arch = "x86_64", target_feature = "avx512f")), allow(dead_code))]
-fn as_f32<T: WithDType>(s: &[T]) -> &[f32] {
+pub(super) fn as_f32<T: WithDType>(s: &[T]) -> &[f32] {
     assert_eq!(TypeId::of::<T>(), TypeId::of::<f32>());
     // SAFETY: `T` is `f32`.
     unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len()) }
+}
+
+/// A mutable `T` slice as the `f32` slice it is; panics for any other `T`.
+#[cfg_attr(not(all(target_arch = "x86_64", target_feature = "avx512f")), allow(dead_code))]
+pub(super) fn as_f32_mut<T: WithDType>(s: &mut [T]) -> &mut [f32] {
+    assert_eq!(TypeId::of::<T>(), TypeId::of::<f32>());
+    // SAFETY: `T` is `f32`.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<f32>(), s.len()) }
 }
 
 /// An `f32` vector as the `Vec<T>` it is; panics for any other `T`.

@@ -25,7 +25,7 @@ use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::OnceLock;
 
-use super::conv::{Geom, Mat, for_chunks, matmul, matmul_into, partial_sums, sum_parts, with_cols, zeros};
+use super::conv::{Geom, Mat, matmul, matmul_into, partial_sums, sum_parts, with_cols, zeroed_chunks};
 
 /// Whether a convolution runs here rather than through im2col: 3x3, stride 1, padding 1, a batch
 /// (one image keeps the two-thread im2col path of attacks), and channels enough on both sides for
@@ -264,16 +264,14 @@ fn filter_grad_transform<T: WithDType>(s: [T; 16]) -> [T; 9] {
 /// The transformed filters of `w` `[c_out, c_in, 3, 3]`, laid out `[c_out, 16, c_in]`: `U_xi` is
 /// the `[c_out, c_in]` matrix at offset `xi * c_in` with rows `16 * c_in` apart.
 fn filters<T: WithDType>(w: &[T], c_out: usize, c_in: usize) -> Vec<T> {
-    let mut u = vec![T::zero(); c_out * 16 * c_in];
-    for_chunks(&mut u, 16 * c_in, |o, u| {
+    zeroed_chunks(c_out * 16 * c_in, 16 * c_in, |o, u| {
         for i in 0..c_in {
             let e = filter_transform(&w[(o * c_in + i) * 9..][..9]);
             for (xi, e) in e.into_iter().enumerate() {
                 u[xi * c_in + i] = e;
             }
         }
-    });
-    u
+    })
 }
 
 /// The transformed filters of the input gradient, `U'_xi[i, o] = U_swap(xi)[o, i]` with rows and
@@ -285,29 +283,37 @@ fn turned_filters<T: WithDType>(w: &[T], c_out: usize, c_in: usize) -> Vec<T> {
     // Sixteen input channels per piece, so that each output channel's filters are read in runs
     // (a piece per input channel read them `9 * c_in` values apart, a cache miss each).
     const CHANS: usize = 16;
-    let mut u = vec![T::zero(); c_in * 16 * c_out];
-    for_chunks(&mut u, CHANS * 16 * c_out, |p, u| {
+    zeroed_chunks(c_in * 16 * c_out, CHANS * 16 * c_out, |p, u| {
         let i0 = p * CHANS;
         let n = u.len() / (16 * c_out);
-        // Sixteen output channels at a time, so that every write fills a run of 16 values (one
-        // at a time, the 256 rows written per channel, `c_out` values apart, evicted each other).
-        let mut block = [[T::zero(); 16]; 16];
+        // A block of 16 output by 16 input channels at a time: its filters copied first, a run of
+        // `9 n` values per output channel (read in place, each value was a cache miss: with 512
+        // input channels the runs are 18 KiB apart, and all map to the same two cache sets), then
+        // transformed 16 output channels to a vector, each of the 16 results a run of 16 values
+        // of one of the 256 rows `(input channel, xi)` the block writes.
+        let mut src = vec![T::zero(); 16 * 9 * n];
         for o0 in (0..c_out).step_by(16) {
             let os = o0..(o0 + 16).min(c_out);
+            for (k, o) in os.clone().enumerate() {
+                src[k * 9 * n..][..9 * n].copy_from_slice(&w[(o * c_in + i0) * 9..][..9 * n]);
+            }
             for di in 0..n {
-                for (k, o) in os.clone().enumerate() {
-                    let e = filter_transform(&w[(o * c_in + i0 + di) * 9..][..9]);
-                    for (xi, row) in block.iter_mut().enumerate() {
-                        row[k] = e[4 * SWAP[xi / 4] + SWAP[xi % 4]];
+                let mut a = [[T::zero(); LANES]; 9];
+                for (k, f) in src.chunks_exact(9 * n).enumerate() {
+                    for (t, a) in a.iter_mut().enumerate() {
+                        a[k] = f[di * 9 + t];
                     }
                 }
-                for (xi, row) in block.iter().enumerate() {
+                let e = columns(&a, &|f: [T; 9]| {
+                    let e = filter_transform(&f);
+                    std::array::from_fn::<T, 16, _>(|xi| e[4 * SWAP[xi / 4] + SWAP[xi % 4]])
+                });
+                for (xi, row) in e.iter().enumerate() {
                     u[(di * 16 + xi) * c_out + o0..][..os.len()].copy_from_slice(&row[..os.len()]);
                 }
             }
         }
-    });
-    u
+    })
 }
 
 /// `v[xi, i, j] = (B^T d B)[xi]` for the patch `d` of channel `i` of `inp` `[b, c, h, w]` under
@@ -317,6 +323,13 @@ fn turned_filters<T: WithDType>(w: &[T], c_out: usize, c_in: usize) -> Vec<T> {
 /// zero-padded input lines gives four lines `r`; split into even and odd columns `e`, `o`, the
 /// tiles' transforms are `e[k] - e[k + 1]`, `o[k] + e[k + 1]`, `e[k + 1] - o[k]`, `o[k] - o[k + 1]`.
 fn transform_patches<T: WithDType>(t: &Tiles, inp: &[T], c: usize, tiles: Range<usize>, v: &mut [T], ld: usize) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        use super::conv::{as_f32, as_f32_mut};
+        if gathered::transform_patches(t, as_f32(inp), c, tiles.clone(), as_f32_mut(v), ld) {
+            return;
+        }
+    }
     let (h, w, tw) = (t.h, t.w, t.tw);
     let zero = vec![T::zero(); w];
     // `r[p]` for the padded columns `p = x + 1` of a run: one zero before the map, zeros after.
@@ -374,6 +387,327 @@ fn transform_patches<T: WithDType>(t: &Tiles, inp: &[T], c: usize, tiles: Range<
     }
 }
 
+/// The transforms of `f32` maps in AVX-512 registers, 16 tiles to a vector whatever the map's
+/// width: each of a tile's 16 patch values gathered from the map (zero where the patch overhangs
+/// it), so that ResNet-18's 4 x 4 and 8 x 8 maps, whose tile rows are 2 and 4 tiles long, fill
+/// every lane as its 32 x 32 ones do. Along tile rows, the scalar-indexed code above spent more
+/// time splitting even and odd columns and in per-row bookkeeping than in the arithmetic.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+mod gathered {
+    use super::Tiles;
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    /// Sixteen consecutive tiles of a block: the offset of each tile's patch corner (one row and
+    /// one column before its first output) from the block's first image, and which of the
+    /// patch's rows and columns lie inside the map.
+    struct Group {
+        offsets: [i32; 16],
+        rows: [u16; 4],
+        cols: [u16; 4],
+        lanes: u16,
+        /// For 16 consecutive tiles of one tile row: which of the 48 columns from the patch
+        /// corner on lie inside the map, a vector's lanes at a time.
+        run: Option<[u16; 3]>,
+    }
+
+    /// The groups of `tiles`, and the index of their first image; `None` where an offset
+    /// would not fit the gather's 32-bit indices.
+    fn groups(t: &Tiles, c: usize, tiles: &Range<usize>) -> Option<(usize, Vec<Group>)> {
+        let per_image = t.th * t.tw;
+        let n0 = tiles.start / per_image;
+        let images = (tiles.end - 1) / per_image + 1 - n0;
+        if images * c * t.hw() + t.w + 1 >= i32::MAX as usize {
+            return None;
+        }
+        let inside = |p: usize, len: usize| p >= 1 && p <= len;
+        let groups = tiles
+            .clone()
+            .step_by(16)
+            .map(|g0| {
+                let mut g = Group {
+                    offsets: [0; 16],
+                    rows: [0; 4],
+                    cols: [0; 4],
+                    lanes: 0,
+                    run: None,
+                };
+                for (l, tile) in (g0..(g0 + 16).min(tiles.end)).enumerate() {
+                    let (n, r) = (tile / per_image, tile % per_image);
+                    let (y, x) = (2 * (r / t.tw), 2 * (r % t.tw));
+                    // Row y - 1 + d of the map is padded row y + d: inside for 1..=h.
+                    g.offsets[l] = (((n - n0) * c * t.hw() + y * t.w + x) as i64 - t.w as i64 - 1) as i32;
+                    for d in 0..4 {
+                        g.rows[d] |= u16::from(inside(y + d, t.h)) << l;
+                        g.cols[d] |= u16::from(inside(x + d, t.w)) << l;
+                    }
+                    g.lanes |= 1 << l;
+                }
+                let (r, tx) = ((g0 % per_image) / t.tw, g0 % t.tw);
+                if g.lanes == u16::MAX && tx + 16 <= t.tw && r == ((g0 + 15) % per_image) / t.tw {
+                    let mut m = [0u16; 3];
+                    for (k, m) in m.iter_mut().enumerate() {
+                        for l in 0..16 {
+                            *m |= u16::from(inside(2 * tx + 16 * k + l, t.w)) << l;
+                        }
+                    }
+                    g.run = Some(m);
+                }
+                g
+            })
+            .collect();
+        Some((n0, groups))
+    }
+
+    /// [`super::transform_patches`] for `f32`; false (and nothing written) where it does not
+    /// apply.
+    pub(super) fn transform_patches(
+        t: &Tiles,
+        inp: &[f32],
+        c: usize,
+        tiles: Range<usize>,
+        v: &mut [f32],
+        ld: usize,
+    ) -> bool {
+        let Some((n0, groups)) = groups(t, c, &tiles) else {
+            return false;
+        };
+        assert!(inp.len() >= (n0 * c + c) * t.hw() && v.len() >= (15 * c + c - 1) * ld + tiles.len());
+        let w = t.w as isize;
+        for i in 0..c {
+            // The map of channel i in the block's first image.
+            let plane = inp[(n0 * c + i) * t.hw()..].as_ptr();
+            for (k, g) in groups.iter().enumerate() {
+                // SAFETY: AVX-512F is enabled at compile time. Each gathered lane lies in its
+                // tile's own map (the masks drop the padding), which is inside `inp`; stores
+                // write row `xi * c + i` of `v` from column `16 k`, `g.lanes` values inside the
+                // block's `tiles.len()` columns, asserted above to be in `v`.
+                unsafe {
+                    let zero = _mm512_setzero_ps();
+                    let mut d = [[zero; 4]; 4];
+                    if let Some(m) = g.run {
+                        // Three vectors of the patch rows' 48 columns from the corner on; the
+                        // tiles' columns 0 and 1 are their even and odd columns, 2 and 3 the
+                        // same one column on.
+                        let (even, odd) = (
+                            _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0),
+                            _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1),
+                        );
+                        for (dy, row) in d.iter_mut().enumerate() {
+                            if g.rows[dy] == 0 {
+                                continue;
+                            }
+                            let p = plane.wrapping_offset(g.offsets[0] as isize + dy as isize * w);
+                            let v: [__m512; 3] =
+                                std::array::from_fn(|k| _mm512_maskz_loadu_ps(m[k], p.wrapping_add(16 * k)));
+                            let (e, o) = (
+                                _mm512_permutex2var_ps(v[0], even, v[1]),
+                                _mm512_permutex2var_ps(v[0], odd, v[1]),
+                            );
+                            let next = _mm512_castsi512_ps(_mm512_alignr_epi32::<1>(
+                                _mm512_castps_si512(v[2]),
+                                _mm512_castps_si512(v[2]),
+                            ));
+                            *row = [
+                                e,
+                                o,
+                                _mm512_castsi512_ps(_mm512_alignr_epi32::<1>(
+                                    _mm512_castps_si512(v[2]),
+                                    _mm512_castps_si512(e),
+                                )),
+                                _mm512_castsi512_ps(_mm512_alignr_epi32::<1>(
+                                    _mm512_castps_si512(next),
+                                    _mm512_castps_si512(o),
+                                )),
+                            ];
+                        }
+                    } else {
+                        let idx = _mm512_loadu_si512(g.offsets.as_ptr().cast());
+                        for (dy, row) in d.iter_mut().enumerate() {
+                            for (dx, d) in row.iter_mut().enumerate() {
+                                let m = g.rows[dy] & g.cols[dx];
+                                let base = plane.wrapping_offset(dy as isize * w + dx as isize);
+                                *d = _mm512_mask_i32gather_ps::<4>(zero, m, idx, base.cast());
+                            }
+                        }
+                    }
+                    // B^T d: rows d0 - d2, d1 + d2, d2 - d1, d1 - d3.
+                    let r: [[__m512; 4]; 4] = [
+                        std::array::from_fn(|x| _mm512_sub_ps(d[0][x], d[2][x])),
+                        std::array::from_fn(|x| _mm512_add_ps(d[1][x], d[2][x])),
+                        std::array::from_fn(|x| _mm512_sub_ps(d[2][x], d[1][x])),
+                        std::array::from_fn(|x| _mm512_sub_ps(d[1][x], d[3][x])),
+                    ];
+                    for (a, r) in r.iter().enumerate() {
+                        let out = [
+                            _mm512_sub_ps(r[0], r[2]),
+                            _mm512_add_ps(r[1], r[2]),
+                            _mm512_sub_ps(r[2], r[1]),
+                            _mm512_sub_ps(r[1], r[3]),
+                        ];
+                        for (b, o) in out.into_iter().enumerate() {
+                            let dst = v.as_mut_ptr().add(((4 * a + b) * c + i) * ld + 16 * k);
+                            _mm512_mask_storeu_ps(dst, g.lanes, o);
+                        }
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// [`super::transform_grads`] for `f32`; false (and nothing written) where it does not
+    /// apply.
+    pub(super) fn transform_grads(
+        t: &Tiles,
+        dy: &[f32],
+        c: usize,
+        chans: Range<usize>,
+        tiles: Range<usize>,
+        e: &mut [f32],
+        ld: usize,
+    ) -> bool {
+        let Some((n0, groups)) = groups(t, c, &tiles) else {
+            return false;
+        };
+        let nc = chans.len();
+        assert!(dy.len() >= (n0 * c + chans.end) * t.hw() && e.len() >= (16 * nc - 1) * ld + tiles.len());
+        let w = t.w as isize;
+        for (oi, o) in chans.enumerate() {
+            let plane = dy[(n0 * c + o) * t.hw()..].as_ptr();
+            for (k, g) in groups.iter().enumerate() {
+                // SAFETY: AVX-512F is enabled at compile time. A tile's 2 x 2 block starts one
+                // row and one column past its patch's corner; its lanes are masked to the map,
+                // which is inside `dy`. Stores write row `xi * nc + oi` of `e` from column
+                // `16 k`, `g.lanes` values inside the block's columns, asserted to be in `e`.
+                unsafe {
+                    let zero = _mm512_setzero_ps();
+                    // The block's rows: their first and second columns.
+                    let mut d = [[zero; 2]; 2];
+                    if let Some(m) = g.run {
+                        // The masks of the 32 columns from the block's first one on.
+                        let m: [u16; 2] = std::array::from_fn(|k| (m[k] >> 1) | ((m[k + 1] & 1) << 15));
+                        let (even, odd) = (
+                            _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0),
+                            _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1),
+                        );
+                        for (a, row) in d.iter_mut().enumerate() {
+                            if g.rows[a + 1] == 0 {
+                                continue;
+                            }
+                            let p = plane.wrapping_offset(g.offsets[0] as isize + (a as isize + 1) * w + 1);
+                            let v0 = _mm512_maskz_loadu_ps(m[0], p);
+                            let v1 = _mm512_maskz_loadu_ps(m[1], p.wrapping_add(16));
+                            *row = [
+                                _mm512_permutex2var_ps(v0, even, v1),
+                                _mm512_permutex2var_ps(v0, odd, v1),
+                            ];
+                        }
+                    } else {
+                        let idx = _mm512_loadu_si512(g.offsets.as_ptr().cast());
+                        for (a, row) in d.iter_mut().enumerate() {
+                            for (b, d) in row.iter_mut().enumerate() {
+                                let m = g.rows[a + 1] & g.cols[b + 1];
+                                let base = plane.wrapping_offset((a as isize + 1) * w + b as isize + 1);
+                                *d = _mm512_mask_i32gather_ps::<4>(zero, m, idx, base.cast());
+                            }
+                        }
+                    }
+                    // A on the rows: d0, d0 + d1, d0 - d1, -d1; the same on each row's columns.
+                    let neg = |x| _mm512_sub_ps(zero, x);
+                    let rows = [
+                        d[0],
+                        [_mm512_add_ps(d[0][0], d[1][0]), _mm512_add_ps(d[0][1], d[1][1])],
+                        [_mm512_sub_ps(d[0][0], d[1][0]), _mm512_sub_ps(d[0][1], d[1][1])],
+                        [neg(d[1][0]), neg(d[1][1])],
+                    ];
+                    for (a, [u, v]) in rows.into_iter().enumerate() {
+                        let out = [u, _mm512_add_ps(u, v), _mm512_sub_ps(u, v), neg(v)];
+                        for (b, x) in out.into_iter().enumerate() {
+                            let dst = e.as_mut_ptr().add(((4 * a + b) * nc + oi) * ld + 16 * k);
+                            _mm512_mask_storeu_ps(dst, g.lanes, x);
+                        }
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// [`super::write_tiles`] for `f32`; false (and nothing written) where it does not apply.
+    ///
+    /// # Safety
+    /// As [`super::write_tiles`].
+    pub(super) unsafe fn write_tiles(
+        t: &Tiles,
+        m: &[f32],
+        c_out: usize,
+        outs: Range<usize>,
+        tiles: Range<usize>,
+        out: *mut f32,
+    ) -> bool {
+        let Some((n0, groups)) = groups(t, c_out, &tiles) else {
+            return false;
+        };
+        let (nt, no) = (tiles.len(), outs.len());
+        assert!(m.len() >= 16 * no * nt);
+        let w = t.w as isize;
+        for (oi, o) in outs.enumerate() {
+            let plane = out.wrapping_add((n0 * c_out + o) * t.hw());
+            for (k, g) in groups.iter().enumerate() {
+                // SAFETY: AVX-512F is enabled at compile time. Loads read `g.lanes` values of
+                // row `xi * no + oi` of `m` from column `16 k`, inside its `nt` columns. A tile's
+                // outputs start one row and one column past its patch's corner, masked to the
+                // map: they lie in `out`, in this call's channels and tiles (the caller's
+                // contract).
+                unsafe {
+                    let p: [__m512; 16] = std::array::from_fn(|xi| {
+                        _mm512_maskz_loadu_ps(g.lanes, m.as_ptr().add((xi * no + oi) * nt + 16 * k))
+                    });
+                    // A^T p A.
+                    let r0: [__m512; 4] =
+                        std::array::from_fn(|j| _mm512_add_ps(_mm512_add_ps(p[j], p[4 + j]), p[8 + j]));
+                    let r1: [__m512; 4] =
+                        std::array::from_fn(|j| _mm512_sub_ps(_mm512_sub_ps(p[4 + j], p[8 + j]), p[12 + j]));
+                    let y = [r0, r1].map(|r| {
+                        [
+                            _mm512_add_ps(_mm512_add_ps(r[0], r[1]), r[2]),
+                            _mm512_sub_ps(_mm512_sub_ps(r[1], r[2]), r[3]),
+                        ]
+                    });
+                    if let Some(mask) = g.run {
+                        // Each output row of the 16 tiles is 32 values from the first tile's
+                        // column on: the two columns interleaved.
+                        let m: [u16; 2] = std::array::from_fn(|k| (mask[k] >> 1) | ((mask[k + 1] & 1) << 15));
+                        let (lo, hi) = (
+                            _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0),
+                            _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8),
+                        );
+                        for (a, [u, v]) in y.into_iter().enumerate() {
+                            if g.rows[a + 1] == 0 {
+                                continue;
+                            }
+                            let q = plane.wrapping_offset(g.offsets[0] as isize + (a as isize + 1) * w + 1);
+                            _mm512_mask_storeu_ps(q, m[0], _mm512_permutex2var_ps(u, lo, v));
+                            _mm512_mask_storeu_ps(q.wrapping_add(16), m[1], _mm512_permutex2var_ps(u, hi, v));
+                        }
+                    } else {
+                        let idx = _mm512_loadu_si512(g.offsets.as_ptr().cast());
+                        for (a, row) in y.into_iter().enumerate() {
+                            for (b, x) in row.into_iter().enumerate() {
+                                let mask = g.rows[a + 1] & g.cols[b + 1];
+                                let base = plane.wrapping_offset((a as isize + 1) * w + b as isize + 1);
+                                _mm512_mask_i32scatter_ps::<4>(base.cast(), mask, idx, x);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        true
+    }
+}
+
 /// `e[xi, o - chans.start, j] = (A dy A^T)[xi]` for the 2 x 2 block of `dy` `[b, c, h, w]` channel `o` under
 /// tile `tiles.start + j` (zero past the map's edge), rows of `e` `ld` apart, computed like
 /// [`transform_patches`]: `A` on the block's two lines `d0`, `d1` gives `d0`, `d0 + d1`,
@@ -388,6 +722,13 @@ fn transform_grads<T: WithDType>(
     e: &mut [T],
     ld: usize,
 ) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        use super::conv::{as_f32, as_f32_mut};
+        if gathered::transform_grads(t, as_f32(dy), c, chans.clone(), tiles.clone(), as_f32_mut(e), ld) {
+            return;
+        }
+    }
     let (h, w, tw) = (t.h, t.w, t.tw);
     let zero = vec![T::zero(); w];
     let mut r = vec![T::zero(); 2 * tw];
@@ -449,6 +790,14 @@ unsafe fn write_tiles<T: WithDType>(
     tiles: Range<usize>,
     out: *mut T,
 ) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        use super::conv::as_f32;
+        // SAFETY: as this function's.
+        if unsafe { gathered::write_tiles(t, as_f32(m), c_out, outs.clone(), tiles.clone(), out.cast()) } {
+            return;
+        }
+    }
     let (nt, no) = (tiles.len(), outs.len());
     let (h, w) = (t.h, t.w);
     let mut y = vec![T::zero(); 4 * nt];
@@ -488,7 +837,9 @@ fn correlate<T: WithDType>(
     c_out: usize,
     lhs: impl Fn(usize, usize) -> Mat<T> + Sync,
 ) -> Vec<T> {
-    let mut out = zeros(t.b * c_out * t.hw());
+    // Never zeroed: the tasks' tiles and channels cover every output, and `write_tiles` writes
+    // each one.
+    let mut out: Vec<T> = Vec::with_capacity(t.b * c_out * t.hw());
     let n = t.count();
     let nb = block(c_in, n);
     let blocks = n.div_ceil(nb);
@@ -534,6 +885,8 @@ fn correlate<T: WithDType>(
     } else {
         (0..tasks).into_par_iter().for_each(task)
     }
+    // SAFETY: every value was written (above), and the capacity is this length.
+    unsafe { out.set_len(t.b * c_out * t.hw()) };
     out
 }
 
@@ -610,14 +963,12 @@ pub(super) fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
         // thread summing the whole `[c_out, 16, c_in]` (16 MiB there) to be added up after.
         let per = co.div_ceil(threads);
         let nb = n.min(cap);
-        let mut s = vec![T::zero(); co * 16 * ci];
-        s.par_chunks_mut(per * 16 * ci).enumerate().for_each(|(p, s)| {
+        zeroed_chunks(co * 16 * ci, per * 16 * ci, |p, s| {
             let outs = p * per..((p + 1) * per).min(co);
             for (k, t0) in (0..n).step_by(nb).enumerate() {
                 product(t0..(t0 + nb).min(n), outs.clone(), s, k == 0);
             }
-        });
-        s
+        })
     } else {
         // One block of tiles per thread, each thread's sum added up after.
         let nb = n.div_ceil(threads).clamp(1, cap);
@@ -632,13 +983,12 @@ pub(super) fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
         };
         sum_parts(partial_sums(blocks, add))
     };
-    let mut dw = vec![T::zero(); co * ci * 9];
     if s.is_empty() {
-        return dw;
+        return vec![T::zero(); co * ci * 9];
     }
     // G^T S G per filter, vectorised over input channels: 16 rows of `s` in, 9 planes out,
     // then written filter by filter.
-    for_chunks(&mut dw, 9 * ci, |o, dw| {
+    zeroed_chunks(co * ci * 9, 9 * ci, |o, dw| {
         let src: [&[T]; 16] = std::array::from_fn(|xi| &s[(o * 16 + xi) * ci..][..ci]);
         let mut planes = vec![T::zero(); 9 * ci];
         {
@@ -651,8 +1001,7 @@ pub(super) fn weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
                 *f = planes[k * ci + i];
             }
         }
-    });
-    dw
+    })
 }
 
 #[cfg(test)]
@@ -717,20 +1066,49 @@ mod tests {
         }
     }
 
+    /// The `f32` kernels (with their AVX-512 transforms where built) against the `f64` ones, on
+    /// even and odd maps from 1 x 3 to 33 x 31, partial groups of 16 tiles, blocks that start
+    /// inside an image, and ResNet-18's map sizes.
     #[test]
     fn f32_matches_f64() {
-        let (b, ci, h, w, co) = (3, 20, 10, 10, 24);
-        let g = Geom::new(&[b, ci, h, w], &[co, ci, 3, 3], 1, 1).unwrap();
-        let x = flat(&rand(&[b, ci, h, w], 1));
-        let wt = flat(&rand(&[co, ci, 3, 3], 2));
-        let f32s = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
-        let a = forward(&g, &x, &wt, None);
-        let b32 = forward(&g, &f32s(&x), &f32s(&wt), None);
-        let d = a
-            .iter()
-            .zip(&b32)
-            .map(|(a, b)| (a - *b as f64).abs())
-            .fold(0.0, f64::max);
-        assert!(d < 1e-4, "{d}");
+        for &(b, ci, h, w, co) in &[
+            (3, 20, 10, 10, 24),
+            (2, 3, 5, 5, 4),
+            (3, 2, 7, 6, 5),
+            (2, 5, 1, 3, 2),
+            (5, 70, 4, 4, 3),
+            (2, 9, 33, 31, 7),
+            (7, 300, 8, 8, 20),
+            (4, 16, 32, 32, 16),
+            (6, 40, 16, 16, 600),
+        ] {
+            let g = Geom::new(&[b, ci, h, w], &[co, ci, 3, 3], 1, 1).unwrap();
+            let x = flat(&rand(&[b, ci, h, w], 1));
+            let wt = flat(&rand(&[co, ci, 3, 3], 2));
+            let dy = flat(&rand(&[b, co, h, w], 3));
+            let f32s = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
+            let (x32, w32, dy32) = (f32s(&x), f32s(&wt), f32s(&dy));
+            let close = |want: Vec<f64>, got: Vec<f32>, what: &str| {
+                assert_eq!(want.len(), got.len());
+                let scale = want.iter().fold(1.0, |m: f64, a| m.max(a.abs()));
+                let d = want
+                    .iter()
+                    .zip(&got)
+                    .map(|(a, b)| (a - *b as f64).abs())
+                    .fold(0.0, f64::max);
+                assert!(d < 1e-5 * scale, "{what} {:?}: {d} (scale {scale})", (b, ci, h, w, co));
+            };
+            close(forward(&g, &x, &wt, None), forward(&g, &x32, &w32, None), "forward");
+            close(
+                input_grad(&g, &dy, &wt, None),
+                input_grad(&g, &dy32, &w32, None),
+                "input gradient",
+            );
+            close(
+                weight_grad(&g, &dy, &x),
+                weight_grad(&g, &dy32, &x32),
+                "weight gradient",
+            );
+        }
     }
 }
