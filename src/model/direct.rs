@@ -1,7 +1,8 @@
 //! Direct 3x3 convolution with stride 1 and padding 1, in AVX-512 registers, for `f32` maps 12 to
-//! 16 or 26 to 32 values wide (the small CNN's 28 x 28 and 14 x 14 layers, ResNet-18's 32 x 32 and
-//! 16 x 16 ones where Winograd does not apply): forward, and the input gradient as the same
-//! convolution of `dy` with the filters transposed and turned by 180 degrees.
+//! 16 or 26 to 32 values wide where Winograd does not apply (layers with fewer than 32 channels on
+//! a side, such as the router's and both stems, and every layer on a single image, as in an
+//! attack on one picture): forward, and the input gradient as the same convolution of `dy` with
+//! the filters transposed and turned by 180 degrees.
 //!
 //! im2col + gemm moves every input value nine times into a column matrix, then gemm copies that
 //! matrix once more into its own panels; on the small CNN's 32 -> 64 layer (14 x 14) those copies
