@@ -420,9 +420,32 @@ mod gathered {
         run: Option<[u16; 3]>,
     }
 
-    /// The groups of `tiles`, and the index of their first image; `None` where an offset
-    /// would not fit the gather's 32-bit indices.
+    /// The even and odd values of the 32 in `a` then `b`.
+    ///
+    /// # Safety
+    /// AVX-512F must be available (it is enabled at compile time for this module).
+    #[inline(always)]
+    unsafe fn split(a: __m512, b: __m512) -> (__m512, __m512) {
+        // SAFETY: the caller's.
+        unsafe {
+            let even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+            let odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+            (_mm512_permutex2var_ps(a, even, b), _mm512_permutex2var_ps(a, odd, b))
+        }
+    }
+
+    /// Of a run's column masks (48 columns from the patch corner on), those of the 32 columns
+    /// from one past the corner on: where the tiles' 2 x 2 blocks lie.
+    fn past_corner(m: [u16; 3]) -> [u16; 2] {
+        std::array::from_fn(|k| (m[k] >> 1) | ((m[k + 1] & 1) << 15))
+    }
+
+    /// The groups of `tiles`, and the index of their first image; `None` where there are no
+    /// tiles, or an offset would not fit the gather's 32-bit indices.
     fn groups(t: &Tiles, c: usize, tiles: &Range<usize>) -> Option<(usize, Vec<Group>)> {
+        if tiles.is_empty() {
+            return None;
+        }
         let per_image = t.th * t.tw;
         let n0 = tiles.start / per_image;
         let images = (tiles.end - 1) / per_image + 1 - n0;
@@ -498,10 +521,6 @@ mod gathered {
                         // Three vectors of the patch rows' 48 columns from the corner on; the
                         // tiles' columns 0 and 1 are their even and odd columns, 2 and 3 the
                         // same one column on.
-                        let (even, odd) = (
-                            _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0),
-                            _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1),
-                        );
                         for (dy, row) in d.iter_mut().enumerate() {
                             if g.rows[dy] == 0 {
                                 continue;
@@ -509,10 +528,7 @@ mod gathered {
                             let p = plane.wrapping_offset(g.offsets[0] as isize + dy as isize * w);
                             let v: [__m512; 3] =
                                 std::array::from_fn(|k| _mm512_maskz_loadu_ps(m[k], p.wrapping_add(16 * k)));
-                            let (e, o) = (
-                                _mm512_permutex2var_ps(v[0], even, v[1]),
-                                _mm512_permutex2var_ps(v[0], odd, v[1]),
-                            );
+                            let (e, o) = split(v[0], v[1]);
                             let next = _mm512_castsi512_ps(_mm512_alignr_epi32::<1>(
                                 _mm512_castps_si512(v[2]),
                                 _mm512_castps_si512(v[2]),
@@ -594,23 +610,17 @@ mod gathered {
                     // The block's rows: their first and second columns.
                     let mut d = [[zero; 2]; 2];
                     if let Some(m) = g.run {
-                        // The masks of the 32 columns from the block's first one on.
-                        let m: [u16; 2] = std::array::from_fn(|k| (m[k] >> 1) | ((m[k + 1] & 1) << 15));
-                        let (even, odd) = (
-                            _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0),
-                            _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1),
-                        );
+                        let m = past_corner(m);
                         for (a, row) in d.iter_mut().enumerate() {
                             if g.rows[a + 1] == 0 {
                                 continue;
                             }
                             let p = plane.wrapping_offset(g.offsets[0] as isize + (a as isize + 1) * w + 1);
-                            let v0 = _mm512_maskz_loadu_ps(m[0], p);
-                            let v1 = _mm512_maskz_loadu_ps(m[1], p.wrapping_add(16));
-                            *row = [
-                                _mm512_permutex2var_ps(v0, even, v1),
-                                _mm512_permutex2var_ps(v0, odd, v1),
-                            ];
+                            let (e, o) = split(
+                                _mm512_maskz_loadu_ps(m[0], p),
+                                _mm512_maskz_loadu_ps(m[1], p.wrapping_add(16)),
+                            );
+                            *row = [e, o];
                         }
                     } else {
                         let idx = _mm512_loadu_si512(g.offsets.as_ptr().cast());
@@ -687,7 +697,7 @@ mod gathered {
                     if let Some(mask) = g.run {
                         // Each output row of the 16 tiles is 32 values from the first tile's
                         // column on: the two columns interleaved.
-                        let m: [u16; 2] = std::array::from_fn(|k| (mask[k] >> 1) | ((mask[k + 1] & 1) << 15));
+                        let m = past_corner(mask);
                         let (lo, hi) = (
                             _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0),
                             _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8),
