@@ -396,11 +396,14 @@ fn transform_patches<T: WithDType>(t: &Tiles, inp: &[T], c: usize, tiles: Range<
     }
 }
 
-/// The transforms of `f32` maps in AVX-512 registers, 16 tiles to a vector whatever the map's
-/// width: each of a tile's 16 patch values gathered from the map (zero where the patch overhangs
-/// it), so that ResNet-18's 4 x 4 and 8 x 8 maps, whose tile rows are 2 and 4 tiles long, fill
-/// every lane as its 32 x 32 ones do. Along tile rows, the scalar-indexed code above spent more
-/// time splitting even and odd columns and in per-row bookkeeping than in the arithmetic.
+/// The patch, gradient and output transforms of `f32` maps in AVX-512 registers, 16 tiles to a
+/// vector whatever the map's width: each of a tile's patch values gathered from the map (zero
+/// where the patch overhangs it) and each output scattered into it, so that ResNet-18's 4 x 4 and
+/// 8 x 8 maps, whose tile rows are 2 and 4 tiles long, fill every lane as its 32 x 32 ones do.
+/// Where 16 tiles lie on one tile row (maps 32 or more wide), a patch row is three masked loads
+/// split into even and odd columns by permutes instead, and an output row two permutes and two
+/// masked stores. Along tile rows, the scalar-indexed code above spent more time splitting even
+/// and odd columns and in per-row bookkeeping than in the arithmetic.
 #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
 mod gathered {
     use super::Tiles;
