@@ -418,7 +418,9 @@ mod gathered {
         rows: [u16; 4],
         cols: [u16; 4],
         lanes: u16,
-        /// For 16 consecutive tiles of one tile row: which of the 48 columns from the patch
+        /// The group's first tile, counted from the block's.
+        start: usize,
+        /// For a run of tiles along one tile row: which of the 48 columns from the first patch's
         /// corner on lie inside the map, a vector's lanes at a time.
         run: Option<[u16; 3]>,
     }
@@ -456,18 +458,30 @@ mod gathered {
             return None;
         }
         let inside = |p: usize, len: usize| p >= 1 && p <= len;
-        let groups = tiles
-            .clone()
-            .step_by(16)
-            .map(|g0| {
+        // Runs along tile rows where rows split into runs of 12 to 16 tiles (a 28 x 28 map's 14),
+        // else 16 consecutive tiles whatever their rows.
+        let rows = t.tw.is_multiple_of(16) || t.tw % 16 >= 12;
+        let mut starts = Vec::new();
+        let mut g0 = tiles.start;
+        while g0 < tiles.end {
+            starts.push(g0);
+            let len = if rows { 16.min(t.tw - g0 % t.tw) } else { 16 };
+            g0 += len.min(tiles.end - g0);
+        }
+        let ends = starts.iter().skip(1).copied().chain([tiles.end]);
+        let groups = starts
+            .iter()
+            .zip(ends)
+            .map(|(&g0, end)| {
                 let mut g = Group {
                     offsets: [0; 16],
                     rows: [0; 4],
                     cols: [0; 4],
                     lanes: 0,
+                    start: g0 - tiles.start,
                     run: None,
                 };
-                for (l, tile) in (g0..(g0 + 16).min(tiles.end)).enumerate() {
+                for (l, tile) in (g0..end).enumerate() {
                     let (n, r) = (tile / per_image, tile % per_image);
                     let (y, x) = (2 * (r / t.tw), 2 * (r % t.tw));
                     // Row y - 1 + d of the map is padded row y + d: inside for 1..=h.
@@ -478,8 +492,10 @@ mod gathered {
                     }
                     g.lanes |= 1 << l;
                 }
-                let (r, tx) = ((g0 % per_image) / t.tw, g0 % t.tw);
-                if g.lanes == u16::MAX && tx + 16 <= t.tw && r == ((g0 + 15) % per_image) / t.tw {
+                if rows {
+                    // Loads may read past the run (into the next run's columns, inside the
+                    // map); stores are masked to its own tiles.
+                    let tx = g0 % t.tw;
                     let mut m = [0u16; 3];
                     for (k, m) in m.iter_mut().enumerate() {
                         for l in 0..16 {
@@ -512,10 +528,10 @@ mod gathered {
         for i in 0..c {
             // The map of channel i in the block's first image.
             let plane = inp[(n0 * c + i) * t.hw()..].as_ptr();
-            for (k, g) in groups.iter().enumerate() {
+            for g in &groups {
                 // SAFETY: AVX-512F is enabled at compile time. Each gathered lane lies in its
                 // tile's own map (the masks drop the padding), which is inside `inp`; stores
-                // write row `xi * c + i` of `v` from column `16 k`, `g.lanes` values inside the
+                // write row `xi * c + i` of `v` from column `g.start`, `g.lanes` values inside the
                 // block's `tiles.len()` columns, asserted above to be in `v`.
                 unsafe {
                     let zero = _mm512_setzero_ps();
@@ -574,7 +590,7 @@ mod gathered {
                             _mm512_sub_ps(r[1], r[3]),
                         ];
                         for (b, o) in out.into_iter().enumerate() {
-                            let dst = v.as_mut_ptr().add(((4 * a + b) * c + i) * ld + 16 * k);
+                            let dst = v.as_mut_ptr().add(((4 * a + b) * c + i) * ld + g.start);
                             _mm512_mask_storeu_ps(dst, g.lanes, o);
                         }
                     }
@@ -603,11 +619,11 @@ mod gathered {
         let w = t.w as isize;
         for (oi, o) in chans.enumerate() {
             let plane = dy[(n0 * c + o) * t.hw()..].as_ptr();
-            for (k, g) in groups.iter().enumerate() {
+            for g in &groups {
                 // SAFETY: AVX-512F is enabled at compile time. A tile's 2 x 2 block starts one
                 // row and one column past its patch's corner; its lanes are masked to the map,
                 // which is inside `dy`. Stores write row `xi * nc + oi` of `e` from column
-                // `16 k`, `g.lanes` values inside the block's columns, asserted to be in `e`.
+                // `g.start`, `g.lanes` values inside the block's columns, asserted to be in `e`.
                 unsafe {
                     let zero = _mm512_setzero_ps();
                     // The block's rows: their first and second columns.
@@ -646,7 +662,7 @@ mod gathered {
                     for (a, [u, v]) in rows.into_iter().enumerate() {
                         let out = [u, _mm512_add_ps(u, v), _mm512_sub_ps(u, v), neg(v)];
                         for (b, x) in out.into_iter().enumerate() {
-                            let dst = e.as_mut_ptr().add(((4 * a + b) * nc + oi) * ld + 16 * k);
+                            let dst = e.as_mut_ptr().add(((4 * a + b) * nc + oi) * ld + g.start);
                             _mm512_mask_storeu_ps(dst, g.lanes, x);
                         }
                     }
@@ -676,15 +692,15 @@ mod gathered {
         let w = t.w as isize;
         for (oi, o) in outs.enumerate() {
             let plane = out.wrapping_add((n0 * c_out + o) * t.hw());
-            for (k, g) in groups.iter().enumerate() {
+            for g in &groups {
                 // SAFETY: AVX-512F is enabled at compile time. Loads read `g.lanes` values of
-                // row `xi * no + oi` of `m` from column `16 k`, inside its `nt` columns. A tile's
+                // row `xi * no + oi` of `m` from column `g.start`, inside its `nt` columns. A tile's
                 // outputs start one row and one column past its patch's corner, masked to the
                 // map: they lie in `out`, in this call's channels and tiles (the caller's
                 // contract).
                 unsafe {
                     let p: [__m512; 16] = std::array::from_fn(|xi| {
-                        _mm512_maskz_loadu_ps(g.lanes, m.as_ptr().add((xi * no + oi) * nt + 16 * k))
+                        _mm512_maskz_loadu_ps(g.lanes, m.as_ptr().add((xi * no + oi) * nt + g.start))
                     });
                     // A^T p A.
                     let r0: [__m512; 4] =
@@ -698,9 +714,14 @@ mod gathered {
                         ]
                     });
                     if let Some(mask) = g.run {
-                        // Each output row of the 16 tiles is 32 values from the first tile's
-                        // column on: the two columns interleaved.
+                        // Each output row of the run's tiles is up to 32 values from the first
+                        // tile's column on: the two columns interleaved, masked to the map and
+                        // to the run's own columns.
+                        let len = g.lanes.count_ones();
+                        let own = [2 * len, (2 * len).saturating_sub(16)]
+                            .map(|n| if n >= 16 { u16::MAX } else { (1u16 << n) - 1 });
                         let m = past_corner(mask);
+                        let m = [m[0] & own[0], m[1] & own[1]];
                         let (lo, hi) = (
                             _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0),
                             _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8),
@@ -1088,9 +1109,46 @@ mod tests {
         }
     }
 
+    /// The register path's output transform writes its own tiles and nothing else (tasks write
+    /// the tiles of one map side by side), with the line-by-line code's values: blocks that start
+    /// and end inside tile rows, on runs of 14 tiles, an odd map and gathered 4 x 4 maps.
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    #[test]
+    fn register_outputs_stay_in_their_tiles() {
+        for &(b, h, w, co) in &[(2, 28, 28, 3), (2, 9, 27, 2), (6, 4, 4, 5), (2, 32, 32, 2)] {
+            let t = Tiles::new(b, h, w);
+            let tiles = 5..t.count() - 7;
+            let nt = tiles.len();
+            let m: Vec<f64> = (0..16 * co * nt).map(|i| ((i * 37) % 101) as f64 - 50.0).collect();
+            let m32: Vec<f32> = m.iter().map(|&v| v as f32).collect();
+            let (mut want, mut got) = (vec![f64::NAN; b * co * h * w], vec![f32::NAN; b * co * h * w]);
+            // SAFETY: both buffers hold the whole batch, and nothing else touches them.
+            unsafe {
+                write_tiles(&t, &m, co, 0..co, tiles.clone(), want.as_mut_ptr());
+                assert!(gathered::write_tiles(
+                    &t,
+                    &m32,
+                    co,
+                    0..co,
+                    tiles.clone(),
+                    got.as_mut_ptr()
+                ));
+            }
+            for (i, (&a, &g)) in want.iter().zip(&got).enumerate() {
+                let (n, y, x) = (i / (co * h * w), (i / w) % h, i % w);
+                let tile = (n * t.th + y / 2) * t.tw + x / 2;
+                assert_eq!(tiles.contains(&tile), !g.is_nan(), "{:?} at {i}", (b, h, w, co));
+                assert!(
+                    a.is_nan() && g.is_nan() || (a - g as f64).abs() < 1e-4,
+                    "{a} {g} at {i}"
+                );
+            }
+        }
+    }
+
     /// The `f32` kernels (with their AVX-512 transforms where built) against the `f64` ones, on
-    /// even and odd maps from 1 x 3 to 33 x 31, partial groups of 16 tiles, blocks that start
-    /// inside an image, and ResNet-18's map sizes.
+    /// even and odd maps from 1 x 3 to 6 x 60, partial groups of 16 tiles, runs of 14, blocks that
+    /// start inside an image or a tile row, and both backbones' map sizes.
     #[test]
     fn f32_matches_f64() {
         for &(b, ci, h, w, co) in &[
@@ -1103,6 +1161,10 @@ mod tests {
             (7, 300, 8, 8, 20),
             (4, 16, 32, 32, 16),
             (6, 40, 16, 16, 600),
+            // Runs of 14 tiles (blocks of 409 starting inside a row), 14 on an odd map, 16 + 14.
+            (3, 40, 28, 28, 36),
+            (2, 33, 9, 27, 40),
+            (2, 8, 6, 60, 5),
         ] {
             let g = Geom::new(&[b, ci, h, w], &[co, ci, 3, 3], 1, 1).unwrap();
             let x = flat(&rand(&[b, ci, h, w], 1));
