@@ -822,6 +822,69 @@ fn direct<T: WithDType>(
     }))
 }
 
+/// One of a router's convolutions, for [`router_features`]: filters `[c_out, c_in, k, k]`, bias
+/// `[c_out]`, stride and padding, and the kept forms of its filters.
+pub(crate) struct RouterConv<'a> {
+    pub(crate) w: &'a [f32],
+    pub(crate) w_dims: [usize; 4],
+    pub(crate) bias: &'a [f32],
+    pub(crate) stride: usize,
+    pub(crate) pad: usize,
+    /// Read by the AVX-512 kernels alone.
+    #[cfg_attr(not(all(target_arch = "x86_64", target_feature = "avx512f")), allow(dead_code))]
+    pub(crate) kept: &'a Kept<f32>,
+}
+
+/// The global averages `[b, c3]` of a router's three convolutions on `x` `[b, c, h, w]`, each
+/// with its bias and a ReLU, one image at a time through all three by `direct`'s kernels (no map
+/// stored between layers); `None` where those kernels do not take the layers, or the build has
+/// no AVX-512: the caller then runs the layers one by one.
+pub(crate) fn router_features(x: &[f32], x_dims: [usize; 4], layers: &[RouterConv; 3]) -> Result<Option<Vec<f32>>> {
+    let mut dims = x_dims;
+    let mut geoms = Vec::with_capacity(3);
+    for l in layers {
+        let g = Geom::new(&dims, &l.w_dims, l.stride, l.pad)?;
+        if l.w.len() != l.w_dims.iter().product::<usize>() || l.bias.len() != g.c_out {
+            bail!("router convolution buffers do not match their shape {:?}", l.w_dims)
+        }
+        dims = [g.b, g.c_out, g.h_out, g.w_out];
+        geoms.push(g);
+    }
+    if x.len() != x_dims.iter().product::<usize>() {
+        bail!("{} values for router input {x_dims:?}", x.len())
+    }
+    Ok(fused_router(&geoms, x, layers))
+}
+
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+fn fused_router(geoms: &[Geom], x: &[f32], layers: &[RouterConv; 3]) -> Option<Vec<f32>> {
+    let g = [&geoms[0], &geoms[1], &geoms[2]];
+    if !direct::features_apply(g) {
+        return None;
+    }
+    // The same panels as `direct` keeps for each layer's forward pass.
+    let panels: [&[f32]; 3] = std::array::from_fn(|i| {
+        let (g, w) = (g[i], layers[i].w);
+        layers[i]
+            .kept
+            .panels
+            .get_or_init(|| {
+                if i == 0 {
+                    direct::panels(g, w, false)
+                } else {
+                    direct::strided_panels(g, w)
+                }
+            })
+            .as_slice()
+    });
+    Some(direct::router_features(g, x, panels, layers.each_ref().map(|l| l.bias)))
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+fn fused_router(_: &[Geom], _: &[f32], _: &[RouterConv; 3]) -> Option<Vec<f32>> {
+    None
+}
+
 /// The weight gradient by `direct`'s kernel, where it applies.
 #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
 fn direct_weight_grad<T: WithDType>(g: &Geom, dy: &[T], x: &[T]) -> Option<Vec<T>> {

@@ -56,9 +56,10 @@ fn conv(g: &Geom, x: &[f32], inputs: usize, outputs: usize, panels: &[f32], bias
             let out = slots.as_mut_ptr() as usize;
             pair::both(&|t| {
                 let range = if t == 0 { 0..blocks / 2 } else { blocks / 2..blocks };
+                let (out, planes) = (out as *mut f32, Planes::dense(h, w));
                 // SAFETY: `out` holds the image's `outputs` channels; the two halves write
                 // disjoint ones.
-                unsafe { image(xp, inputs, h, w, panels, bias, range, out as *mut f32) };
+                unsafe { image(xp, inputs, h, w, panels, bias, range, out, planes) };
             });
         });
     } else {
@@ -69,7 +70,10 @@ fn conv(g: &Geom, x: &[f32], inputs: usize, outputs: usize, panels: &[f32], bias
                     let n = t * per_task + i;
                     pad(&x[n * x_image..][..x_image], xp);
                     // SAFETY: `out` holds the image's `outputs` channels.
-                    unsafe { image(xp, inputs, h, w, panels, bias, 0..blocks, out.as_mut_ptr().cast()) };
+                    unsafe {
+                        let out = out.as_mut_ptr().cast();
+                        image(xp, inputs, h, w, panels, bias, 0..blocks, out, Planes::dense(h, w))
+                    };
                 }
             })
         });
@@ -110,13 +114,42 @@ fn pad(x: &[f32], h: usize, w: usize, xp: &mut [f32]) {
     xp[planes * plane..].fill(0.0);
 }
 
-/// One image's output channel blocks `blocks` from its padded input `xp`, written to `out`, in
-/// tiles of [`N`] vectors: two rows of up to 16 values, or one row of up to 32; with `bias`,
-/// `relu(conv + bias)`.
+/// Where an image's output planes go: channel `c`'s row `r` starts at `c * plane + first + r * line`.
+#[derive(Clone, Copy)]
+struct Planes {
+    plane: usize,
+    line: usize,
+    first: usize,
+}
+
+impl Planes {
+    /// `[c, h, w]`, the planes one after another.
+    fn dense(h: usize, w: usize) -> Self {
+        Self {
+            plane: h * w,
+            line: w,
+            first: 0,
+        }
+    }
+
+    /// The interior of [`pad`]'s layout, `[c, h + 2, w + 2]`: the next layer's padded input.
+    fn padded(h: usize, w: usize) -> Self {
+        let wp = w + 2;
+        Self {
+            plane: (h + 2) * wp,
+            line: wp,
+            first: wp + 1,
+        }
+    }
+}
+
+/// One image's output channel blocks `blocks` from its padded input `xp`, written to `out` as
+/// `planes` lays them out, in tiles of [`N`] vectors: two rows of up to 16 values, or one row of
+/// up to 32; with `bias`, `relu(conv + bias)`.
 ///
 /// # Safety
-/// `out` must address the image's `[outputs, h, w]` values, writable, and nothing else may
-/// touch the channels of `blocks` meanwhile.
+/// `out` must address the image's `outputs` channels as `planes` lays out `h` rows of `w`
+/// values, writable, and nothing else may touch the channels of `blocks` meanwhile.
 #[allow(clippy::too_many_arguments)]
 unsafe fn image(
     xp: &[f32],
@@ -127,6 +160,7 @@ unsafe fn image(
     bias: Option<&[f32]>,
     blocks: Range<usize>,
     out: *mut f32,
+    planes: Planes,
 ) {
     let wp = w + 2;
     let per_row = w.div_ceil(16);
@@ -152,7 +186,7 @@ unsafe fn image(
                 )
             };
             for (m, acc) in acc.iter().enumerate() {
-                let channel = (blk * MR + m) * h * w;
+                let channel = (blk * MR + m) * planes.plane + planes.first;
                 // SAFETY: register operations only.
                 let acc = bias.map_or(*acc, |b| unsafe {
                     let b = _mm512_set1_ps(b[blk * MR + m]);
@@ -166,7 +200,7 @@ unsafe fn image(
                     let mask = (u32::MAX >> (32 - (w - c0).min(16))) as __mmask16;
                     // SAFETY: the mask stores `min(w - c0, 16)` lanes from row `r`'s value `c0`
                     // of channel `blk * 8 + m`, inside `out` (the caller's guarantee).
-                    unsafe { _mm512_mask_storeu_ps(out.add(channel + r * w + c0), mask, *acc) };
+                    unsafe { _mm512_mask_storeu_ps(out.add(channel + r * planes.line + c0), mask, *acc) };
                 }
             }
         }
@@ -260,65 +294,103 @@ pub(super) fn strided_panels(g: &Geom, w: &[f32]) -> Vec<f32> {
 
 /// `conv(x, w)` for a convolution [`strided_applies`] takes, with `panels` from
 /// [`strided_panels`]. A stride-2 row of outputs reads every other input, which no vector load
-/// does, so here the vectors run along output channels (as in [`weight_grad`]): a tile of
-/// positions by all the output channels (12 x 2 or 6 x 4 vectors) adds, per input channel and
-/// tap, the broadcast input value under each position times the tap's weights, into a
-/// channels-last image that is transposed once at the end. With `bias`, `relu(conv + bias)`, as
-/// in [`run`].
+/// does, so here the vectors run along output channels (as in [`weight_grad`]): a tile of 14 or
+/// 7 positions by 32 output channels (2 vectors) adds, per input channel and tap, the broadcast
+/// input value under each position times the tap's weights, and its accumulators, transposed in
+/// registers, are stored as lines of the output's planes. With `bias`, `relu(conv + bias)`, as
+/// in [`run`]. (The accumulators stored channels-last and the image transposed after it cost a
+/// pass over the output; with 4 positions by 64 channels lines of 7 took an eighth more work.)
 pub(super) fn strided_forward(g: &Geom, x: &[f32], panels: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let (h, w, hw) = (g.h, g.w, g.h_out * g.w_out);
-    let wp = w + 2;
-    let padded_len = g.c_in * (h + 2) * wp + 3 * wp + 32;
+    let padded_len = padded_len(g);
     let (x_image, y_image) = (g.c_in * h * w, g.c_out * hw);
     let per_task = chunk(g.b, 1);
-    zeroed_chunks(g.b * y_image, per_task * y_image, |t, out| {
-        with_cols(padded_len + y_image, |buf: &mut [f32]| {
-            let (xp, yt) = buf.split_at_mut(padded_len);
+    let mut y: Vec<f32> = Vec::with_capacity(g.b * y_image);
+    let slots = &mut y.spare_capacity_mut()[..g.b * y_image];
+    super::conv::each_chunk(slots, per_task * y_image, |t, out| {
+        with_cols(padded_len, |xp: &mut [f32]| {
             for (i, out) in out.chunks_exact_mut(y_image).enumerate() {
                 let n = t * per_task + i;
                 pad(&x[n * x_image..][..x_image], h, w, xp);
-                if g.c_out == 32 {
-                    strided_image::<2, 7>(g, xp, panels, bias, yt);
-                } else {
-                    strided_image::<4, 4>(g, xp, panels, bias, yt);
-                }
-                transpose(yt, hw, g.c_out, out);
+                let planes = Planes::dense(g.h_out, g.w_out);
+                let out = out.as_mut_ptr().cast();
+                strided(g, xp, panels, bias, &mut Sink::Planes(out, y_image, planes));
             }
         })
-    })
+    });
+    // SAFETY: `strided` wrote every image's every value (its tiles cover every position).
+    unsafe { y.set_len(g.b * y_image) };
+    y
 }
 
-/// One image's outputs, channels-last (`yt` `[h_out w_out, 16 V]`), in tiles of `P` positions
-/// of one output line: the tile's input values are then `2 p` apart, offsets that the unrolled
-/// loop folds into its loads (a table of positions across lines cost registers, and the
-/// accumulators spilled). With `bias`, `relu(conv + bias)`.
+/// Values of [`pad`]'s copy of one image's input to `g`, with the slack its kernels read past it.
+fn padded_len(g: &Geom) -> usize {
+    g.c_in * (g.h + 2) * (g.w + 2) + 3 * (g.w + 2) + 32
+}
+
+/// Where [`strided_image`] puts one image's outputs (after the bias and ReLU, with a bias).
+enum Sink<'a> {
+    /// `c_out` planes, laid out in the `len` values from the pointer as [`Planes`] says: the
+    /// output itself (not initialised before), or the interior of [`pad`]'s layout, the next
+    /// stride-2 layer's input, with no copy between (its border is left as it is).
+    Planes(*mut f32, usize, Planes),
+    /// `[c_out]`: each channel's sum over the positions (a global average's numerator); the map
+    /// itself is never stored.
+    Sums(&'a mut [f32]),
+}
+
+/// [`strided_image`] for each 32 output channels, in tiles of 14 positions (a line of 14) or 7.
+/// (64 channels at once, in tiles of 4 positions, computed an eighth more on lines of 7 and
+/// had 4 positions to a 16 x 16 transpose.)
+fn strided(g: &Geom, xp: &[f32], panels: &[f32], bias: Option<&[f32]>, sink: &mut Sink) {
+    for c0 in (0..g.c_out).step_by(32) {
+        if g.w_out == 14 {
+            strided_image::<2, 14>(g, c0, xp, panels, bias, sink)
+        } else {
+            strided_image::<2, 7>(g, c0, xp, panels, bias, sink)
+        }
+    }
+}
+
+/// One image's `16 V` output channels from `c0` into `sink`, in tiles of `P` positions of one
+/// output line: the tile's input values are then `2 p` apart, offsets that the unrolled loop
+/// folds into its loads (a table of positions across lines cost registers, and the accumulators
+/// spilled). With `bias`, `relu(conv + bias)`.
 fn strided_image<const V: usize, const P: usize>(
     g: &Geom,
+    c0: usize,
     xp: &[f32],
     panels: &[f32],
     bias: Option<&[f32]>,
-    yt: &mut [f32],
+    sink: &mut Sink,
 ) {
-    let (wp, co) = (g.w + 2, 16 * V);
+    const { assert!(P <= 16) };
+    let (wp, co) = (g.w + 2, g.c_out);
     let plane = (g.h + 2) * wp;
-    assert!(g.c_out == co && xp.len() >= g.c_in * plane + 3 * wp + 32 && panels.len() == g.c_in * 9 * co);
-    assert!(yt.len() >= g.h_out * g.w_out * co && bias.is_none_or(|b| b.len() == co));
-    // SAFETY: `b` holds `16 V` values.
+    assert!(c0 + 16 * V <= co && xp.len() >= g.c_in * plane + 3 * wp + 32 && panels.len() == g.c_in * 9 * co);
+    assert!(bias.is_none_or(|b| b.len() == co));
+    match sink {
+        Sink::Planes(_, len, p) => assert!(*len >= (co - 1) * p.plane + p.first + (g.h_out - 1) * p.line + g.w_out),
+        Sink::Sums(s) => assert!(s.len() == co),
+    }
+    // SAFETY: `b` holds `co >= c0 + 16 V` values.
     let bias: Option<[__m512; V]> =
-        bias.map(|b| std::array::from_fn(|v| unsafe { _mm512_loadu_ps(b.as_ptr().add(16 * v)) }));
+        bias.map(|b| std::array::from_fn(|v| unsafe { _mm512_loadu_ps(b.as_ptr().add(c0 + 16 * v)) }));
+    // SAFETY: register operations only.
+    let mut sums = [unsafe { _mm512_setzero_ps() }; V];
     for oy in 0..g.h_out {
         for ox0 in (0..g.w_out).step_by(P) {
             // SAFETY: every read, `2 oy wp + 2 (ox0 + p) + ki wp + kj` of channel `ci`'s plane
             // for taps `ki, kj < 3`, is inside the padded planes and their slack: positions past
-            // the line (`p < P <= 7` of them) read on into the next line, or at most `2 P + 2`
-            // values past the last plane. `panels` holds `c_in * 9` rows of `16 V` weights.
+            // the line (fewer than `P` of them) read on into the next line, or at most `2 P + 2`
+            // values past the last plane. `panels` holds `c_in * 9` rows of `co` weights.
             let acc = unsafe {
                 let mut acc = [[_mm512_setzero_ps(); V]; P];
                 for ci in 0..g.c_in {
                     let xc = xp.as_ptr().add(ci * plane + 2 * oy * wp + 2 * ox0);
                     for tap in 0..9 {
                         let at = xc.add(tap / 3 * wp + tap % 3);
-                        let wr = panels.as_ptr().add((ci * 9 + tap) * co);
+                        let wr = panels.as_ptr().add((ci * 9 + tap) * co + c0);
                         let wv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(wr.add(16 * v)));
                         for (p, acc) in acc.iter_mut().enumerate() {
                             let b = _mm512_set1_ps(*at.add(2 * p));
@@ -330,20 +402,101 @@ fn strided_image<const V: usize, const P: usize>(
                 }
                 acc
             };
-            for (p, acc) in acc.iter().enumerate().take(g.w_out - ox0) {
-                let q = oy * g.w_out + ox0 + p;
-                for (v, &a) in acc.iter().enumerate() {
+            // SAFETY: register operations only.
+            let acc = acc.map(|row| {
+                std::array::from_fn::<_, V, _>(|v| {
+                    bias.map_or(row[v], |b| unsafe {
+                        _mm512_max_ps(_mm512_add_ps(row[v], b[v]), _mm512_setzero_ps())
+                    })
+                })
+            });
+            let valid = (g.w_out - ox0).min(P);
+            match sink {
+                Sink::Planes(out, _, planes) => {
+                    let mask = (u32::MAX >> (32 - valid)) as __mmask16;
+                    // Per vector of channels, its values at the tile's positions as rows of a
+                    // 16 x 16 block (zeros past `P`), turned into a line of `P` values per channel.
                     // SAFETY: register operations only.
-                    let a = bias.map_or(a, |b| unsafe {
-                        _mm512_max_ps(_mm512_add_ps(a, b[v]), _mm512_setzero_ps())
-                    });
-                    let dst = &mut yt[q * co + 16 * v..][..16];
-                    // SAFETY: `dst` holds 16 values.
-                    unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), a) };
+                    let mut rows = [[unsafe { _mm512_setzero_ps() }; 16]; V];
+                    for (p, acc) in acc.iter().enumerate() {
+                        for (rows, &a) in rows.iter_mut().zip(acc) {
+                            rows[p] = a;
+                        }
+                    }
+                    for (v, rows) in rows.into_iter().enumerate() {
+                        for (j, c) in transpose16(rows).into_iter().enumerate() {
+                            let at = (c0 + 16 * v + j) * planes.plane + planes.first + oy * planes.line + ox0;
+                            // SAFETY: the mask stores line `oy`'s `valid` values from `ox0` of
+                            // channel `c0 + 16 v + j`, inside `out`'s `len` values (asserted).
+                            unsafe { _mm512_mask_storeu_ps(out.add(at), mask, c) };
+                        }
+                    }
+                }
+                Sink::Sums(_) => {
+                    for acc in acc.iter().take(valid) {
+                        for (s, &a) in sums.iter_mut().zip(acc) {
+                            // SAFETY: register operations only.
+                            *s = unsafe { _mm512_add_ps(*s, a) };
+                        }
+                    }
                 }
             }
         }
     }
+    if let Sink::Sums(s) = sink {
+        for (v, sum) in sums.into_iter().enumerate() {
+            // SAFETY: `s` holds `co >= c0 + 16 V` values (asserted).
+            unsafe { _mm512_storeu_ps(s.as_mut_ptr().add(c0 + 16 * v), sum) };
+        }
+    }
+}
+
+/// Whether [`router_features`] takes a router's three layers, given as their geometries: 3x3
+/// with padding 1 and strides 1, 2, 2, the first one that [`run`]'s kernels take, the other two
+/// [`strided_forward`]'s.
+pub(super) fn features_apply(g: [&Geom; 3]) -> bool {
+    let [g1, g2, g3] = g;
+    applies(g1, g1.c_out)
+        && [g2, g3]
+            .iter()
+            .all(|g| g.k == 3 && g.stride == 2 && g.pad == 1 && (g.c_out == 32 || g.c_out == 64))
+        && (g2.c_in, g2.h, g2.w) == (g1.c_out, g1.h_out, g1.w_out)
+        && (g3.c_in, g3.h, g3.w) == (g2.c_out, g2.h_out, g2.w_out)
+}
+
+/// The global averages `[b, c3]` of a router's three convolutions with their biases and ReLUs
+/// (a batch `x` `[b, c, h, w]`, `g` as [`features_apply`] takes them, with [`panels`] for the
+/// first and [`strided_panels`] for the others), one image at a time through all three: each
+/// layer writes straight into the next one's padded input and the last one into its sums,
+/// where layer by layer each output was zeroed, stored, transposed and copied into a padded
+/// buffer again.
+pub(super) fn router_features(g: [&Geom; 3], x: &[f32], panels: [&[f32]; 3], bias: [&[f32]; 3]) -> Vec<f32> {
+    assert!(features_apply(g));
+    let [g1, g2, g3] = g;
+    let (x_image, c3) = (g1.c_in * g1.h * g1.w, g3.c_out);
+    let lens = [g1, g2, g3].map(padded_len);
+    let mean = 1.0 / (g3.h_out * g3.w_out) as f32;
+    let per_task = chunk(g1.b, 1);
+    zeroed_chunks(g1.b * c3, per_task * c3, |t, out| {
+        // The second and third layers' borders stay zero: only their interiors are written.
+        let mut buf = vec![0f32; lens.iter().sum()];
+        let (xp1, rest) = buf.split_at_mut(lens[0]);
+        let (xp2, xp3) = rest.split_at_mut(lens[1]);
+        for (i, out) in out.chunks_exact_mut(c3).enumerate() {
+            let n = t * per_task + i;
+            pad(&x[n * x_image..][..x_image], g1.h, g1.w, xp1);
+            let planes = Planes::padded(g1.h, g1.w);
+            assert!(xp2.len() >= g1.c_out * planes.plane);
+            let (bias1, blocks, dst) = (Some(bias[0]), 0..g1.c_out / MR, xp2.as_mut_ptr());
+            // SAFETY: `xp2` holds the first layer's `c_out` padded planes (asserted).
+            unsafe { image(xp1, g1.c_in, g1.h, g1.w, panels[0], bias1, blocks, dst, planes) };
+            let planes = Planes::padded(g2.h_out, g2.w_out);
+            let sink = &mut Sink::Planes(xp3.as_mut_ptr(), xp3.len(), planes);
+            strided(g2, xp2, panels[1], Some(bias[1]), sink);
+            strided(g3, xp3, panels[2], Some(bias[2]), &mut Sink::Sums(out));
+            out.iter_mut().for_each(|v| *v *= mean);
+        }
+    })
 }
 
 /// Whether [`strided_input_grad`] handles a convolution's input gradient: 3x3, stride 2,
@@ -364,35 +517,42 @@ pub(super) fn strided_grad_panels(g: &Geom, w: &[f32]) -> Vec<f32> {
 
 /// The input gradient `[b, c_in, h, w]` from `dy` `[b, c_out, h_out, w_out]` for a convolution
 /// [`strided_grad_applies`] takes, with `panels` from [`strided_grad_panels`]: per image, the
-/// padded `dy`, a channels-last gradient in tiles of 14 positions by 16 input channels (one pass
-/// per 16 channels; 8 positions by 32 channels in one pass took as long), transposed once at
-/// the end. im2col's way (a gemm into a column matrix,
-/// then col2im's scatter-add into a zeroed `dx`) took a third of the router's stride-2 layer's
-/// forward + backward.
+/// padded `dy`, then the gradient in tiles of 14 positions by 16 input channels (one pass per 16
+/// channels; 8 positions by 32 channels in one pass took as long), each stored as lines of its
+/// channels' planes (a channels-last image transposed at the end cost a pass over `dx`, and
+/// with the forward pass's like it a tenth of the router's training step). im2col's way (a gemm
+/// into a column matrix, then col2im's scatter-add into a zeroed `dx`) took a third of the
+/// router's stride-2 layer's forward + backward.
 pub(super) fn strided_input_grad(g: &Geom, dy: &[f32], panels: &[f32]) -> Vec<f32> {
     let (ho, wo, hw) = (g.h_out, g.w_out, g.h * g.w);
     // Tiles read up to 8 values past a line's end, so past the last plane too.
     let padded_len = g.c_out * (ho + 2) * (wo + 2) + 16;
     let (x_image, y_image) = (g.c_in * hw, g.c_out * ho * wo);
     let per_task = chunk(g.b, 1);
-    zeroed_chunks(g.b * x_image, per_task * x_image, |t, out| {
-        with_cols(padded_len + x_image, |buf: &mut [f32]| {
-            let (dp, dxt) = buf.split_at_mut(padded_len);
+    let mut dx: Vec<f32> = Vec::with_capacity(g.b * x_image);
+    let slots = &mut dx.spare_capacity_mut()[..g.b * x_image];
+    super::conv::each_chunk(slots, per_task * x_image, |t, out| {
+        with_cols(padded_len, |dp: &mut [f32]| {
             for (i, out) in out.chunks_exact_mut(x_image).enumerate() {
                 let n = t * per_task + i;
                 pad(&dy[n * y_image..][..y_image], ho, wo, dp);
                 for c0 in (0..g.c_in).step_by(16) {
-                    strided_grad_image::<7, 14>(g, c0, dp, panels, dxt);
+                    // SAFETY: `out` holds the image's `c_in` planes of `h w` values.
+                    unsafe { strided_grad_image::<7, 14>(g, c0, dp, panels, out.as_mut_ptr().cast()) };
                 }
-                transpose(dxt, hw, g.c_in, out);
             }
         })
-    })
+    });
+    // SAFETY: `strided_grad_image` wrote every image's every value (its tiles cover every
+    // position of each 16 channels).
+    unsafe { dx.set_len(g.b * x_image) };
+    dx
 }
 
-/// One image's input gradient for the 16 input channels from `c0`, into the channels-last
-/// `dxt` (`[h w, c_in]`), from its padded output gradient `dp` (planes `(h_out + 2) (w_out + 2)`),
-/// in tiles of `P = 2 M` positions of one line from an even column.
+/// One image's input gradient for the 16 input channels from `c0`, into `out` (`[c_in, h, w]`),
+/// from its padded output gradient `dp` (planes `(h_out + 2) (w_out + 2)`), in tiles of
+/// `P = 2 M` positions of one line from an even column, each tile's accumulators (a vector of
+/// channels per position) transposed in registers into lines of the channels' planes.
 ///
 /// With stride 2, input line `y` takes only the filter rows `ky` with `y + 1 - ky` even: row 1
 /// from output line `y / 2` where `y` is even, rows 0 and 2 from lines `(y + 1) / 2` and
@@ -401,16 +561,20 @@ pub(super) fn strided_input_grad(g: &Geom, dy: &[f32], panels: &[f32]) -> Vec<f3
 /// column `2 (j0 + t)` adds `dy[j0 + t] w[ky, 1]`, column `2 (j0 + t) + 1` adds
 /// `dy[j0 + t + 1] w[ky, 0] + dy[j0 + t] w[ky, 2]`. Every product is one the gradient needs, and
 /// each broadcast value serves three of them.
-fn strided_grad_image<const M: usize, const P: usize>(
+///
+/// # Safety
+/// `out` must address the image's `c_in h w` values, writable, and nothing else may touch the
+/// channels `c0 .. c0 + 16` meanwhile.
+unsafe fn strided_grad_image<const M: usize, const P: usize>(
     g: &Geom,
     c0: usize,
     dp: &[f32],
     panels: &[f32],
-    dxt: &mut [f32],
+    out: *mut f32,
 ) {
     let (wq, ci) = (g.w_out + 2, g.c_in);
     let plane = (g.h_out + 2) * wq;
-    assert!(P == 2 * M && M < 8 && c0 + 16 <= ci && panels.len() == g.c_out * 9 * ci && dxt.len() >= g.h * g.w * ci);
+    assert!(P == 2 * M && P <= 16 && c0 + 16 <= ci && panels.len() == g.c_out * 9 * ci);
     assert!(dp.len() > g.c_out * plane + M);
     for y in 0..g.h {
         // (filter row, padded line of `dy`): output line `l` is padded line `l + 1`.
@@ -449,10 +613,13 @@ fn strided_grad_image<const M: usize, const P: usize>(
                 }
                 acc
             };
-            for (p, &a) in acc.iter().enumerate().take(g.w - x0) {
-                let dst = &mut dxt[(y * g.w + x0 + p) * ci + c0..][..16];
-                // SAFETY: `dst` holds 16 values.
-                unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), a) };
+            let mask = (u32::MAX >> (32 - (g.w - x0).min(P))) as __mmask16;
+            // SAFETY: register operations only.
+            let rows = std::array::from_fn(|p| if p < P { acc[p] } else { unsafe { _mm512_setzero_ps() } });
+            for (j, c) in transpose16(rows).into_iter().enumerate() {
+                // SAFETY: the mask stores line `y`'s values from `x0` that lie in the map, of
+                // channel `c0 + j`, inside `out` (the caller's guarantee).
+                unsafe { _mm512_mask_storeu_ps(out.add(((c0 + j) * g.h + y) * g.w + x0), mask, c) };
             }
         }
     }
@@ -529,17 +696,12 @@ fn backward(
     let taps = g.c_out * g.c_in * 9;
     let part_len = taps + if relu.is_some() { g.c_out } else { 0 };
     // The masked gradient; for the input gradient, that gradient padded (with the slack that
-    // both of its kernels read past the last plane) and, for stride 2, `dx` channels-last.
+    // both of its kernels read past the last plane).
     let masked_len = if relu.is_some() { y_image } else { 0 };
     let wq = g.w_out + 2;
-    let (dp_len, dxt_len) = match dx_panels {
-        Some(_) => (
-            g.c_out * (g.h_out + 2) * wq + 3 * wq + 32,
-            if g.stride == 2 { x_image } else { 0 },
-        ),
-        None => (0, 0),
-    };
-    let mut dx: Option<Vec<f32>> = dx_panels.map(|_| super::conv::zeros(g.b * x_image));
+    let dp_len = dx_panels.map_or(0, |_| g.c_out * (g.h_out + 2) * wq + 3 * wq + 32);
+    // Not initialised: every image's every value is written below.
+    let mut dx: Option<Vec<f32>> = dx_panels.map(|_| Vec::with_capacity(g.b * x_image));
     let dx_at = dx.as_mut().map(|d| d.as_mut_ptr() as usize);
     let per_task = chunk(g.b, 1);
     // Channel blocks: 32 wide, and a last one of 16 where `c_out` is an odd multiple of 16.
@@ -552,76 +714,92 @@ fn backward(
             part = vec![0.0; part_len];
         }
         let (part_taps, sums) = part.split_at_mut(taps);
-        with_cols(
-            padded_len + y_image + masked_len + dp_len + dxt_len,
-            |buf: &mut [f32]| {
-                let (xp, rest) = buf.split_at_mut(padded_len);
-                let (dyt, rest) = rest.split_at_mut(y_image);
-                let (masked, rest) = rest.split_at_mut(masked_len);
-                let (dp, dxt) = rest.split_at_mut(dp_len);
-                for n in t * per_task..((t + 1) * per_task).min(g.b) {
-                    pad(&x[n * x_image..][..x_image], h, w, xp);
-                    let mut dy = &dy[n * y_image..][..y_image];
-                    if let Some(y) = relu {
-                        mask(dy, &y[n * y_image..][..y_image], hw, masked, sums);
-                        dy = masked;
-                    }
-                    for &(c0, width) in &blocks {
-                        transpose(
-                            &dy[c0 * hw..][..width * hw],
-                            width,
-                            hw,
-                            &mut dyt[c0 * hw..][..width * hw],
-                        );
-                    }
-                    for &(c0, width) in &blocks {
-                        let d = &dyt[c0 * hw..][..width * hw];
-                        for ci in 0..g.c_in {
-                            let xc = &xp[ci * plane..][..plane];
-                            // SAFETY: `xc` is input channel `ci`'s padded plane, `(h + 2) (w + 2)`
-                            // values; `d` the block's `h w` positions of `width` values.
-                            let sums: [[__m512; 2]; 9] = unsafe {
-                                if width == 32 {
-                                    weight_tile::<2>(xc.as_ptr(), d.as_ptr(), g, wp)
-                                } else {
-                                    let one = weight_tile::<1>(xc.as_ptr(), d.as_ptr(), g, wp);
-                                    one.map(|[v]| [v, _mm512_setzero_ps()])
-                                }
-                            };
-                            for (tap, sums) in sums.iter().enumerate() {
-                                let dst = &mut part_taps[(ci * 9 + tap) * g.c_out + c0..][..width];
-                                for (dst, sum) in dst.chunks_exact_mut(16).zip(sums) {
-                                    // SAFETY: `dst` holds 16 values.
-                                    unsafe {
-                                        _mm512_storeu_ps(
-                                            dst.as_mut_ptr(),
-                                            _mm512_add_ps(_mm512_loadu_ps(dst.as_ptr()), *sum),
-                                        )
-                                    };
-                                }
+        with_cols(padded_len + y_image + masked_len + dp_len, |buf: &mut [f32]| {
+            let (xp, rest) = buf.split_at_mut(padded_len);
+            let (dyt, rest) = rest.split_at_mut(y_image);
+            let (masked, rest) = rest.split_at_mut(masked_len);
+            let dp = &mut rest[..dp_len];
+            for n in t * per_task..((t + 1) * per_task).min(g.b) {
+                pad(&x[n * x_image..][..x_image], h, w, xp);
+                let mut dy = &dy[n * y_image..][..y_image];
+                if let Some(y) = relu {
+                    mask(dy, &y[n * y_image..][..y_image], hw, masked, sums);
+                    dy = masked;
+                }
+                for &(c0, width) in &blocks {
+                    transpose(
+                        &dy[c0 * hw..][..width * hw],
+                        width,
+                        hw,
+                        &mut dyt[c0 * hw..][..width * hw],
+                    );
+                }
+                for &(c0, width) in &blocks {
+                    let d = &dyt[c0 * hw..][..width * hw];
+                    for ci in 0..g.c_in {
+                        let xc = &xp[ci * plane..][..plane];
+                        // SAFETY: `xc` is input channel `ci`'s padded plane, `(h + 2) (w + 2)`
+                        // values; `d` the block's `h w` positions of `width` values.
+                        let sums: [[__m512; 2]; 9] = unsafe {
+                            if width == 32 {
+                                weight_tile::<2>(xc.as_ptr(), d.as_ptr(), g, wp)
+                            } else {
+                                let one = weight_tile::<1>(xc.as_ptr(), d.as_ptr(), g, wp);
+                                one.map(|[v]| [v, _mm512_setzero_ps()])
                             }
-                        }
-                    }
-                    if let (Some(panels), Some(at)) = (dx_panels, dx_at) {
-                        // SAFETY: image `n`'s values of `dx`, which only this task writes.
-                        let out = unsafe { std::slice::from_raw_parts_mut((at as *mut f32).add(n * x_image), x_image) };
-                        pad(dy, g.h_out, g.w_out, dp);
-                        if g.stride == 2 {
-                            for c0 in (0..g.c_in).step_by(16) {
-                                strided_grad_image::<7, 14>(g, c0, dp, panels, dxt);
+                        };
+                        for (tap, sums) in sums.iter().enumerate() {
+                            let dst = &mut part_taps[(ci * 9 + tap) * g.c_out + c0..][..width];
+                            for (dst, sum) in dst.chunks_exact_mut(16).zip(sums) {
+                                // SAFETY: `dst` holds 16 values.
+                                unsafe {
+                                    _mm512_storeu_ps(
+                                        dst.as_mut_ptr(),
+                                        _mm512_add_ps(_mm512_loadu_ps(dst.as_ptr()), *sum),
+                                    )
+                                };
                             }
-                            transpose(dxt, h * w, g.c_in, out);
-                        } else {
-                            // SAFETY: `out` holds the image's `c_in` channels.
-                            unsafe { image(dp, g.c_out, h, w, panels, None, 0..g.c_in / MR, out.as_mut_ptr()) };
                         }
                     }
                 }
-            },
-        );
+                if let (Some(panels), Some(at)) = (dx_panels, dx_at) {
+                    // Image `n`'s values of `dx`, which only this task writes.
+                    // SAFETY: inside `dx`'s capacity.
+                    let out = unsafe { (at as *mut f32).add(n * x_image) };
+                    pad(dy, g.h_out, g.w_out, dp);
+                    if g.stride == 2 {
+                        for c0 in (0..g.c_in).step_by(16) {
+                            // SAFETY: `out` addresses the image's `c_in` planes.
+                            unsafe { strided_grad_image::<7, 14>(g, c0, dp, panels, out) };
+                        }
+                    } else {
+                        // SAFETY: `out` addresses the image's `c_in` planes.
+                        unsafe {
+                            image(
+                                dp,
+                                g.c_out,
+                                h,
+                                w,
+                                panels,
+                                None,
+                                0..g.c_in / MR,
+                                out,
+                                Planes::dense(h, w),
+                            )
+                        };
+                    }
+                }
+            }
+        });
         part
     };
-    (partial_sums(g.b.div_ceil(per_task), add), dx)
+    let parts = partial_sums(g.b.div_ceil(per_task), add);
+    if let Some(dx) = &mut dx {
+        // SAFETY: the tasks covered every image, and each wrote all of its `dx` (every plane,
+        // line and value: `strided_grad_image`'s tiles or `image`'s channel blocks).
+        unsafe { dx.set_len(g.b * x_image) };
+    }
+    (parts, dx)
 }
 
 /// `masked = dy where y > 0, else 0`, both `[c, hw]`, with each channel's sum added to `sums`.
@@ -875,6 +1053,58 @@ mod tests {
                 assert!(max_diff(&got, &want) < 1e-5, "input gradient, case {i}");
             }
         }
+    }
+
+    /// The router's three layers in one pass per image against the im2col path in f64, layer by
+    /// layer, then averaged: every tile the pass picks (14 or 7 positions by 32 channels, 4 by
+    /// 64; positions past a line), both sinks, odd and non-square maps, one image and several.
+    #[test]
+    fn router_features_match_the_layers() {
+        for (i, &(b, c, h, w, channels)) in [
+            (3, 1, 28, 28, [16, 32, 64]),
+            (2, 3, 32, 32, [16, 32, 64]),
+            (2, 2, 26, 26, [8, 64, 32]),
+            (2, 1, 15, 13, [24, 32, 32]),
+            (1, 4, 14, 14, [8, 64, 64]),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let (mut dims, mut cur) = ([b, c, h, w], values(b * c * h * w, i as u64));
+            let (mut geoms, mut ws, mut biases) = (Vec::new(), Vec::new(), Vec::new());
+            for (l, &co) in channels.iter().enumerate() {
+                let (s, ci) = (if l == 0 { 1 } else { 2 }, dims[1]);
+                let g = Geom::new(&dims, &[co, ci, 3, 3], s, 1).unwrap();
+                let wt = values(co * ci * 9, 50 + 10 * i as u64 + l as u64);
+                let bias = values(co, 90 + 10 * i as u64 + l as u64);
+                let (y, d) = forward_slices(&cur, dims, &wt, [co, ci, 3, 3], s, 1, Some(&bias), None).unwrap();
+                (cur, dims) = (y, d);
+                geoms.push(g);
+                ws.push(f32s(&wt));
+                biases.push(f32s(&bias));
+            }
+            let hw = dims[2] * dims[3];
+            let want: Vec<f64> = cur.chunks(hw).map(|p| p.iter().sum::<f64>() / hw as f64).collect();
+            let g = [&geoms[0], &geoms[1], &geoms[2]];
+            assert!(features_apply(g), "case {i}");
+            let panels = [
+                panels(g[0], &ws[0], false),
+                strided_panels(g[1], &ws[1]),
+                strided_panels(g[2], &ws[2]),
+            ];
+            let x = f32s(&values(b * c * h * w, i as u64));
+            let bias = [&biases[0][..], &biases[1][..], &biases[2][..]];
+            let got = router_features(g, &x, panels.each_ref().map(|p| &p[..]), bias);
+            assert!(max_diff(&got, &want) < 1e-5, "case {i}: {}", max_diff(&got, &want));
+        }
+        let g = |dims: [usize; 4], co, s| Geom::new(&dims, &[co, dims[1], 3, 3], s, 1).unwrap();
+        let (a, b) = (g([2, 1, 28, 28], 16, 1), g([2, 16, 28, 28], 32, 2));
+        assert!(!features_apply([&a, &b, &g([2, 32, 14, 14], 48, 2)]), "48 channels");
+        assert!(!features_apply([&a, &b, &g([2, 32, 14, 14], 64, 1)]), "stride 1");
+        assert!(
+            !features_apply([&a, &b, &g([2, 16, 14, 14], 64, 2)]),
+            "a shape that does not follow"
+        );
     }
 
     /// `relu(conv(x, w) + bias)` against the im2col path in f64, and its fused backward against

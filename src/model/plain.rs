@@ -23,7 +23,9 @@ use std::ops::Range;
 use candle_core::{DType, Result, Tensor, bail};
 use rayon::prelude::*;
 
-use super::conv::{Kept, Mat, PAR_MIN, each_plane, forward_slices, input_grad_slices, matmul, zeros};
+use super::conv::{
+    Kept, Mat, PAR_MIN, RouterConv, each_plane, forward_slices, input_grad_slices, matmul, router_features, zeros,
+};
 use super::lanes::relu_grad_sums;
 use super::layers::{Conv2d, Linear};
 use super::norm::Norm;
@@ -235,11 +237,27 @@ struct PRouter {
 }
 
 impl PRouter {
-    /// The feature extractor's output `[b, c3]` and its last maps' dims, with no tape: a few
-    /// images at a time through all three convolutions, while their maps are still in cache
-    /// (layer by layer over a batch of 128, each convolution read its 3-6 MiB input back from
-    /// memory, which took as long as its arithmetic), each ReLU in the pass that adds the bias.
-    fn features(&self, x: &[f32], x_dims: [usize; 4]) -> Result<(Vec<f32>, [usize; 4])> {
+    /// The feature extractor's output `[b, c3]`, with no tape: by [`router_features`] (one image
+    /// at a time through all three convolutions, each writing into the next one's padded input)
+    /// where its kernels take the layers, else a few images at a time through all three layers,
+    /// while their maps are still in cache (layer by layer over a batch of 128, each convolution
+    /// read its 3-6 MiB input back from memory, which took as long as its arithmetic).
+    fn features(&self, x: &[f32], x_dims: [usize; 4]) -> Result<Vec<f32>> {
+        if let [c1, c2, c3] = &self.convs[..]
+            && let (Some(b1), Some(b2), Some(b3)) = (&c1.bias, &c2.bias, &c3.bias)
+        {
+            let layers = [(c1, b1), (c2, b2), (c3, b3)].map(|(c, bias)| RouterConv {
+                w: &c.w,
+                w_dims: c.w_dims,
+                bias,
+                stride: c.stride,
+                pad: c.pad,
+                kept: &c.kept,
+            });
+            if let Some(f) = router_features(x, x_dims, &layers)? {
+                return Ok(f);
+            }
+        }
         let [b, c, h, w] = x_dims;
         let per = (b / (8 * rayon::current_num_threads())).max(2);
         let parts = x
@@ -250,11 +268,10 @@ impl PRouter {
                     let (y, d) = conv.forward_then(&cur, dims, true)?;
                     (cur, dims) = (Cow::Owned(y), d);
                 }
-                Ok((global_avg(&cur, dims), dims))
+                Ok(global_avg(&cur, dims))
             })
             .collect::<Result<Vec<_>>>()?;
-        let dims = parts.first().map_or(x_dims, |(_, d)| [b, d[1], d[2], d[3]]);
-        Ok((parts.into_iter().flat_map(|(f, _)| f).collect(), dims))
+        Ok(parts.concat())
     }
 }
 
@@ -269,7 +286,8 @@ pub struct PlainSmallCnn {
 /// Everything one forward pass keeps for the backward, per batch.
 struct Tape {
     x_dims: [usize; 4],
-    /// Router: each convolution's input dims and its output after the ReLU; the last output's dims.
+    /// Router: each convolution's input dims and its output after the ReLU; the last output's dims
+    /// (both only with a backward pass, which alone reads them).
     router: Vec<([usize; 4], Vec<f32>)>,
     router_out_dims: [usize; 4],
     feat: Vec<f32>,
@@ -367,7 +385,7 @@ impl PlainSmallCnn {
                 tape.feat = global_avg(tape.router.last().map_or(x, |(_, y)| y), dims);
                 tape.router_out_dims = dims;
             } else {
-                (tape.feat, tape.router_out_dims) = r.features(x, x_dims)?;
+                tape.feat = r.features(x, x_dims)?;
             }
             tape.hidden_pre = r.hidden.forward(&tape.feat);
             let hidden: Vec<f32> = tape.hidden_pre.iter().map(|v| v.max(0.0)).collect();

@@ -547,6 +547,31 @@ fn plain_path_matches_the_graph_and_autograd() {
             for (a, b) in out.signals.iter().zip(&reference.signals) {
                 assert_close(&f64s(a), &to_vec(b), 1e-5, &format!("{what}: signals"));
             }
+            // The forward pass alone (no tape: the router's layers fused where they can be).
+            let alone = plain.forward(&pixels, b).unwrap();
+            close(
+                &f64s(&alone.logits),
+                &to_vec(&reference.logits),
+                1e-5,
+                &format!("{what}: logits, forward alone"),
+            );
+            if let (Some(a), Some(t)) = (&alone.type_logits, &reference.type_logits) {
+                assert_close(
+                    &f64s(a),
+                    &to_vec(t),
+                    1e-5,
+                    &format!("{what}: type logits, forward alone"),
+                );
+            }
+            assert_eq!(alone.type_logits.is_some(), reference.type_logits.is_some(), "{what}");
+            assert_eq!(
+                alone.signals.len(),
+                reference.signals.len(),
+                "{what}: signals, forward alone"
+            );
+            for (a, s) in alone.signals.iter().zip(&reference.signals) {
+                assert_close(&f64s(a), &to_vec(s), 1e-5, &format!("{what}: signals, forward alone"));
+            }
             assert!(
                 want.iter().any(|&g| g.abs() > 1e-3),
                 "{what}: a gradient worth comparing"
