@@ -282,7 +282,12 @@ pub(super) fn run(g: &Geom, a: &[f32], panels: &[f32], grad: bool, bias: Option<
 /// 64 output channels (the router's downsampling layers; ResNet-18's, with 128 and more, keep
 /// im2col, unmeasured here).
 pub(super) fn strided_applies(g: &Geom) -> bool {
-    g.k == 3 && g.stride == 2 && g.pad == 1 && g.b > 1 && (g.c_out == 32 || g.c_out == 64)
+    strided_takes(g) && g.b > 1
+}
+
+/// Whether [`strided_image`] computes a layer: 3x3, stride 2, padding 1, 32 or 64 outputs.
+fn strided_takes(g: &Geom) -> bool {
+    g.k == 3 && g.stride == 2 && g.pad == 1 && (g.c_out == 32 || g.c_out == 64)
 }
 
 /// The filters `w` `[c_out, c_in, 3, 3]` as `[c_in, 9, c_out]`, for [`strided_forward`].
@@ -457,9 +462,8 @@ fn strided_image<const V: usize, const P: usize>(
 pub(super) fn features_apply(g: [&Geom; 3]) -> bool {
     let [g1, g2, g3] = g;
     applies(g1, g1.c_out)
-        && [g2, g3]
-            .iter()
-            .all(|g| g.k == 3 && g.stride == 2 && g.pad == 1 && (g.c_out == 32 || g.c_out == 64))
+        && strided_takes(g2)
+        && strided_takes(g3)
         && (g2.c_in, g2.h, g2.w) == (g1.c_out, g1.h_out, g1.w_out)
         && (g3.c_in, g3.h, g3.w) == (g2.c_out, g2.h_out, g2.w_out)
 }
@@ -691,7 +695,7 @@ fn backward(
     let (h, w, hw) = (g.h, g.w, g.h_out * g.w_out);
     let wp = w + 2;
     let plane = (h + 2) * wp;
-    let padded_len = g.c_in * plane + 3 * wp + 32;
+    let padded_len = padded_len(g);
     let (x_image, y_image) = (g.c_in * h * w, g.c_out * hw);
     let taps = g.c_out * g.c_in * 9;
     let part_len = taps + if relu.is_some() { g.c_out } else { 0 };
