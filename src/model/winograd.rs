@@ -439,19 +439,20 @@ mod gathered {
     /// for the patches, 0.23 -> 0.26-0.29 for the gradients.)
     #[derive(Clone, Copy)]
     struct Pair {
-        len: usize,
-        /// Per run, which of the 16 columns from its first patch corner it reads and which lie
-        /// inside the map.
+        /// Tiles per run (the second's possibly 0).
+        lens: [usize; 2],
+        /// Per run, the store mask of an output row: its `2 lens[run]` values from one past the
+        /// run's first patch corner, those inside the map.
         masks: [u16; 2],
-        /// Whether the second run holds any tile.
-        second: bool,
+        /// Per run, the permute that interleaves its tiles' two output columns.
+        index: [[i32; 16]; 2],
     }
 
     impl Pair {
         /// Whether a run's tiles have row `dy` of their patches inside the map (all of a run's
         /// tiles or none do), given the group's `rows[dy]`.
         fn row_inside(self, rows: u16, run: usize) -> bool {
-            rows >> (run * self.len) & 1 == 1
+            rows >> (run * self.lens[0]) & 1 == 1
         }
     }
 
@@ -546,13 +547,16 @@ mod gathered {
                 }
                 if pairs {
                     let len = (t.tw - g0 % t.tw).min(end - g0);
+                    let lens = [len, end - g0 - len];
                     let mask = |tx: usize, n: usize| -> u16 {
-                        (0..2 * n + 2).fold(0, |m, l| m | u16::from(inside(2 * tx + l, t.w)) << l)
+                        (0..2 * n).fold(0, |m, l| m | u16::from(inside(2 * tx + 1 + l, t.w)) << l)
                     };
                     g.pair = Some(Pair {
-                        len,
-                        masks: [mask(g0 % t.tw, len), mask(0, end - g0 - len)],
-                        second: end - g0 > len,
+                        lens,
+                        masks: [mask(g0 % t.tw, lens[0]), mask(0, lens[1])],
+                        index: std::array::from_fn(|run| {
+                            std::array::from_fn(|l| ((l % 2) * 16 + (run * len + l / 2).min(15)) as i32)
+                        }),
                     });
                 }
                 g
@@ -788,26 +792,15 @@ mod gathered {
                     } else if let Some(pr) = g.pair {
                         // Per output row and run, its tiles' two columns interleaved: at most 14
                         // values from one past the run's corner, masked to the map and the run.
-                        let runs: &[usize] = if pr.second { &[0, 1] } else { &[0] };
-                        let index = runs.iter().map(|&run| {
-                            let i: [i32; 16] =
-                                std::array::from_fn(|l| ((l % 2) * 16 + (run * pr.len + l / 2).min(15)) as i32);
-                            _mm512_loadu_si512(i.as_ptr().cast())
-                        });
-                        for (run, index) in runs.iter().copied().zip(index) {
-                            let n = if run == 0 {
-                                pr.len
-                            } else {
-                                g.lanes.count_ones() as usize - pr.len
-                            };
-                            let mask = (pr.masks[run] >> 1) & ((1u32 << (2 * n)) - 1) as u16;
+                        for run in (0..2).filter(|&run| pr.lens[run] > 0) {
+                            let index = _mm512_loadu_si512(pr.index[run].as_ptr().cast());
                             for (a, [u, v]) in y.into_iter().enumerate() {
                                 if !pr.row_inside(g.rows[a + 1], run) {
                                     continue;
                                 }
-                                let at = g.offsets[run * pr.len] as isize + (a as isize + 1) * w + 1;
+                                let at = g.offsets[run * pr.lens[0]] as isize + (a as isize + 1) * w + 1;
                                 let q = plane.wrapping_offset(at);
-                                _mm512_mask_storeu_ps(q, mask, _mm512_permutex2var_ps(u, index, v));
+                                _mm512_mask_storeu_ps(q, pr.masks[run], _mm512_permutex2var_ps(u, index, v));
                             }
                         }
                     } else {
